@@ -1,0 +1,166 @@
+"""Matrix sign (polar factor) by Newton-Schulz iteration.
+
+``msign(X) = U V^T`` for the thin SVD ``X = U S V^T``: every non-zero singular value is
+mapped to 1 and the singular vectors are kept. It is the steepest-descent direction under
+the spectral norm, so Muon, MuonSphere and SSO all spend most of their time here.
+
+The iteration works on the *wide* orientation (rows <= columns) so that the Gram matrix
+``A = X X^T`` is the small side, after dividing ``X`` by its Frobenius norm so that every
+singular value lies in ``(0, 1]``. One step is the odd quintic
+
+    X <- a X + (b A + c A^2) X,        A = X X^T,
+
+which maps each singular value ``s`` to ``a s + b s^3 + c s^5``.
+
+Coefficient sets (name -> per-step ``(a, b, c)``):
+
+* ``"sso8"``: the 8 per-step triples of the Spectral Sphere paper's released scripts
+  (Xie et al., arXiv 2601.08393, §6.1; reproduced in SPEC §2). The first steps have large
+  slopes that lift tiny singular values quickly; the last step, (1.875, -1.25, 0.375), is the
+  classical cubic-to-quintic Newton-Schulz fixed point whose derivative at 1 is zero.
+* ``"muon5"``: the single triple (3.4445, -4.7750, 2.0315) that Muon repeats five times
+  (K. Jordan, "Muon: An optimizer for hidden layers", 2024). It converges only to
+  singular values in roughly [0.7, 1.2]; it is the Muon baseline, not SSO's default.
+
+A step index past the end of a set reuses the set's last triple.
+
+Tensor-parallel use: with ``partition_dim`` set, ``X`` is one shard of a matrix split along
+rows (0) or columns (1), and ``allreduce`` sums a tensor over the shards. The Gram matrix is
+then formed on the *unsplit* side (the only side whose Gram is a sum of per-shard Grams),
+the two reductions per call are the Frobenius norm (a scalar per matrix) and one Gram per
+iteration, and every other operation is local. The polynomial is the same on either side,
+so the sharded result equals the single-process one up to fp32 round-off.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional, Sequence, Union
+
+import torch
+
+Tensor = torch.Tensor
+AllReduce = Callable[[Tensor], Tensor]
+"""Sums a tensor over the shards of a tensor-parallel group and returns the sum."""
+
+COEFFICIENT_SETS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "sso8": (
+        (8.2051, -22.9019, 16.4607),
+        (4.0664, -2.8612, 0.5184),
+        (3.9096, -2.8234, 0.5250),
+        (3.2856, -2.4153, 0.4853),
+        (2.2779, -1.6198, 0.3985),
+        (1.8726, -1.2307, 0.3585),
+        (1.8564, -1.2132, 0.3568),
+        (1.8750, -1.2500, 0.3750),
+    ),
+    "muon5": ((3.4445, -4.7750, 2.0315),),
+}
+
+CoefficientName = Literal["sso8", "muon5"]
+
+DEFAULT_STEPS: dict[str, int] = {"sso8": 8, "muon5": 5}
+"""Number of steps each set was designed for (8 in the SSO paper, 5 in Muon)."""
+
+NORM_EPS = 1e-7
+"""Added to the Frobenius norm before dividing, so that a zero matrix maps to zero (not NaN).
+Far below the norm of any normalised momentum (which is exactly 1)."""
+
+_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
+
+
+def resolve_coefficients(
+    coefficients: Union[str, Sequence[Sequence[float]]], steps: Optional[int]
+) -> list[tuple[float, float, float]]:
+    """Return the ``steps`` per-step ``(a, b, c)`` triples for a named or explicit set."""
+    if isinstance(coefficients, str):
+        if coefficients not in COEFFICIENT_SETS:
+            raise ValueError(
+                f"unknown Newton-Schulz coefficient set {coefficients!r}; "
+                f"choose one of {sorted(COEFFICIENT_SETS)}"
+            )
+        table = COEFFICIENT_SETS[coefficients]
+        if steps is None:
+            steps = DEFAULT_STEPS[coefficients]
+    else:
+        table = tuple(tuple(float(x) for x in t) for t in coefficients)
+        if not table or any(len(t) != 3 for t in table):
+            raise ValueError(f"coefficients must be (a, b, c) triples, got {coefficients!r}")
+        if steps is None:
+            steps = len(table)
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"msign steps must be a positive integer, got {steps!r}")
+    return [table[min(i, len(table) - 1)] for i in range(int(steps))]
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _DTYPES:
+        raise ValueError(f"msign compute dtype must be one of {sorted(map(str, _DTYPES))}, got {dtype}")
+
+
+def _fused_add_matmul(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float) -> Tensor:
+    """``beta * C + alpha * (A @ B)`` in one fused kernel where torch has one (2-D, 3-D)."""
+    if C.dim() == 2:
+        return torch.addmm(C, A, B, beta=beta, alpha=alpha)
+    if C.dim() == 3:
+        return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
+    return beta * C + alpha * (A @ B)
+
+
+def msign(
+    X: Tensor,
+    steps: Optional[int] = None,
+    coefficients: Union[CoefficientName, Sequence[Sequence[float]]] = "sso8",
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    allreduce: Optional[AllReduce] = None,
+    partition_dim: Optional[int] = None,
+) -> Tensor:
+    """Approximate ``U V^T`` of ``X`` (shape ``(..., m, n)``) by Newton-Schulz.
+
+    Args:
+        X: matrix or batch of matrices; any floating dtype.
+        steps: iterations; default is the set's own count (8 for ``sso8``, 5 for ``muon5``).
+        coefficients: a set name from :data:`COEFFICIENT_SETS` or explicit triples.
+        compute_dtype: dtype of the iteration (fp32 by default; the paper's released code
+            uses bf16, which shifts ``h(lambda)`` by ~1e-3, see SPEC §2 "Precision").
+        allreduce: sums partial results over tensor-parallel shards (see module docstring).
+        partition_dim: 0 or 1, the dimension of the full matrix that is split; required
+            together with ``allreduce``.
+
+    Returns:
+        A tensor of ``X``'s shape and dtype.
+    """
+    if X.dim() < 2:
+        raise ValueError(f"msign needs a matrix (..., m, n), got shape {tuple(X.shape)}")
+    _check_dtype(compute_dtype)
+    if (allreduce is None) != (partition_dim is None):
+        raise ValueError(
+            f"allreduce and partition_dim go together (got partition_dim={partition_dim!r}, "
+            f"allreduce={'set' if allreduce is not None else None})"
+        )
+    if partition_dim not in (None, 0, 1):
+        raise ValueError(f"partition_dim must be 0, 1 or None, got {partition_dim!r}")
+    table = resolve_coefficients(coefficients, steps)
+
+    out_dtype = X.dtype
+    Y = X.to(compute_dtype)
+    if partition_dim is None:
+        transpose = Y.size(-2) > Y.size(-1)
+    else:
+        # Rows split (0): the summable Gram is Y^T Y, so work on the transpose, where the
+        # split dimension becomes the columns and the Gram is Y Y^T over full rows.
+        transpose = partition_dim == 0
+    if transpose:
+        Y = Y.mT
+    sq = Y.square().sum(dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    if allreduce is not None:
+        sq = allreduce(sq)
+    Y = Y / (sq.sqrt() + NORM_EPS).to(compute_dtype)
+    for a, b, c in table:
+        A = Y @ Y.mT
+        if allreduce is not None:
+            A = allreduce(A)
+        Y = _fused_add_matmul(Y, _fused_add_matmul(A, A, A, b, c), Y, a, 1.0)
+    if transpose:
+        Y = Y.mT
+    return Y.to(out_dtype)

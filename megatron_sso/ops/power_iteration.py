@@ -1,0 +1,116 @@
+"""Top singular triple ``(sigma, u, v)`` of a matrix by (warm-started) power iteration.
+
+SSO needs, per atomic module and per step, the spectral norm ``sigma = ||W||_2`` (to retract
+``W`` onto its sphere) and the top singular pair ``u, v`` (``Theta = u v^T`` is the gradient
+of ``||W||_2``). The paper keeps the vectors from the previous step ("cached singular
+vectors"); the released code restarts from a vector of ones for 100 iterations. Weights move
+by ``O(lr)`` per step, so a warm start from last step's ``v`` needs only a few iterations:
+the optimizer uses many iterations on its first step and a few afterwards.
+
+One iteration is ``u = W v / ||W v||``, ``v = W^T u / ||W^T u||``, and ``sigma = ||W^T u||``
+from the last half-step. ``sigma`` never exceeds the true norm, and its relative error is
+second order in the error of ``v``, so it converges much faster than the vectors do.
+
+Tensor-parallel use: with ``partition_dim`` set (0: rows split, 1: columns split) ``W`` is
+one shard, ``v0`` is the shard's slice of ``v`` if columns are split (else the full ``v``),
+and ``allreduce`` sums over shards: one vector (the product that contracts the split
+dimension) and one scalar (the squared norm of the split vector) per half-step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .newton_schulz import AllReduce
+
+Tensor = torch.Tensor
+
+TINY = 1e-30
+"""Floor for norms before division: a zero matrix yields sigma = 0 and zero u, not NaN."""
+
+
+def default_start_vector(n: int, *, offset: int = 0, total: Optional[int] = None,
+                         dtype: torch.dtype = torch.float32,
+                         device: Optional[torch.device] = None) -> Tensor:
+    """A fixed, non-degenerate unit start vector of length ``total`` (slice ``[offset, offset+n)``).
+
+    A vector of ones (the reference's choice) is exactly orthogonal to the top singular
+    vector of some structured matrices (any whose rows sum to zero); adding a cosine ripple
+    with an irrational frequency removes that failure while staying deterministic and
+    independent of the global RNG, and each shard can compute its own slice.
+    """
+    total = n if total is None else total
+    if offset < 0 or offset + n > total:
+        raise ValueError(f"slice [{offset}, {offset + n}) lies outside a vector of length {total}")
+    j = torch.arange(total, dtype=torch.float64, device=device)
+    vec = 1.0 + 0.5 * torch.cos(j * ((math.sqrt(5.0) - 1.0) * math.pi))
+    vec = vec / vec.norm()
+    return vec[offset:offset + n].to(dtype)
+
+
+def _normalise(x: Tensor, allreduce: Optional[AllReduce]) -> tuple[Tensor, Tensor]:
+    sq = x.square().sum(dim=-1, keepdim=True)
+    if allreduce is not None:
+        sq = allreduce(sq)
+    norm = sq.sqrt()
+    return x / norm.clamp_min(TINY), norm.squeeze(-1)
+
+
+def power_iteration(
+    W: Tensor,
+    v0: Optional[Tensor] = None,
+    iters: int = 10,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    allreduce: Optional[AllReduce] = None,
+    partition_dim: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Estimate the top singular triple of ``W`` (shape ``(..., m, n)``).
+
+    Args:
+        W: matrix or batch of matrices.
+        v0: start for the right singular vector, shape ``(..., n)`` (need not be unit);
+            ``None`` uses :func:`default_start_vector`.
+        iters: number of ``v -> u -> v`` iterations (>= 1).
+        compute_dtype: dtype of the products (fp32 default; the paper suggests bf16).
+        allreduce, partition_dim: tensor-parallel hooks, see the module docstring.
+
+    Returns:
+        ``sigma`` (shape ``(...)``, fp32), unit ``u`` (``(..., m)``) and unit ``v``
+        (``(..., n)``) in ``compute_dtype``. For a zero matrix: ``sigma = 0``, ``u = 0`` and
+        ``v`` is the start vector, so a cached ``v`` never collapses to zero.
+    """
+    if W.dim() < 2:
+        raise ValueError(f"power_iteration needs a matrix (..., m, n), got shape {tuple(W.shape)}")
+    if int(iters) != iters or iters < 1:
+        raise ValueError(f"power iteration count must be a positive integer, got {iters!r}")
+    if (allreduce is None) != (partition_dim is None) or partition_dim not in (None, 0, 1):
+        raise ValueError(f"partition_dim must be 0 or 1 together with allreduce, got {partition_dim!r}")
+    A = W.to(compute_dtype)
+    n = A.size(-1)
+    if v0 is None:
+        if partition_dim == 1:
+            raise ValueError("a column-split power iteration needs its shard of v0")
+        v0 = default_start_vector(n, dtype=compute_dtype, device=A.device).expand(A.shape[:-2] + (n,))
+    elif v0.shape != A.shape[:-2] + (n,):
+        raise ValueError(f"v0 must have shape {tuple(A.shape[:-2] + (n,))}, got {tuple(v0.shape)}")
+    rows_split = allreduce if partition_dim == 0 else None
+    cols_split = allreduce if partition_dim == 1 else None
+
+    v_start, _ = _normalise(v0.to(compute_dtype), cols_split)
+    v = v_start
+    for _ in range(int(iters)):
+        Wv = (A @ v.unsqueeze(-1)).squeeze(-1)
+        if cols_split is not None:
+            Wv = cols_split(Wv)
+        u, _ = _normalise(Wv, rows_split)
+        Wtu = (A.mT @ u.unsqueeze(-1)).squeeze(-1)
+        if rows_split is not None:
+            Wtu = rows_split(Wtu)
+        v, sigma = _normalise(Wtu, cols_split)
+    zero = (sigma <= TINY).unsqueeze(-1)
+    v = torch.where(zero, v_start, v)
+    return sigma.float(), u, v

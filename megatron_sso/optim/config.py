@@ -1,0 +1,153 @@
+"""One frozen configuration for every sphere-family optimizer (SSO, MuonSphere, Muon).
+
+Recipes choose values; behaviour lives in code. Each field's default is the paper's choice
+(Xie et al., arXiv 2601.08393, §6.1 and the released scripts; SPEC §2) unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+import torch
+
+from ..ops.newton_schulz import COEFFICIENT_SETS
+
+Mode = Literal["sso", "muon_sphere", "muon"]
+LambdaSolver = Literal["secant", "bisect"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+@dataclass(frozen=True)
+class SphereConfig:
+    """Hyper-parameters of one sphere-family optimizer (the learning rate lives in the param group)."""
+
+    mode: Mode = "sso"
+    """``sso``: retract, then the tangent steepest direction ``msign(M + lambda* Theta)``;
+    ``muon_sphere``: retract, then ``msign(M)`` (lambda = 0); ``muon``: ``msign(M)`` with no
+    retraction (the baseline)."""
+
+    momentum: float = 0.9
+    """EMA coefficient beta of the momentum ``m <- beta m + (1 - beta) g`` (paper: 0.9)."""
+
+    nesterov: bool = True
+    """Use ``(1 - beta) g + beta m`` instead of ``m`` as the direction's input (paper: on)."""
+
+    msign_steps: int = 8
+    """Newton-Schulz iterations per msign (paper: 8)."""
+
+    msign_coefficients: str = "sso8"
+    """Newton-Schulz coefficient set, see :data:`megatron_sso.ops.COEFFICIENT_SETS`."""
+
+    msign_dtype: str = "fp32"
+    """Compute dtype of msign: ``fp32`` (default; keeps the lambda solve honest at tol 2e-4)
+    or ``bf16`` (the released code; shifts ``h`` by ~1e-3, SPEC §2)."""
+
+    power_dtype: str = "fp32"
+    """Compute dtype of the power iteration (the paper suggests bf16)."""
+
+    power_iters: int = 3
+    """Power iterations per step when warm-started from last step's singular vector."""
+
+    power_iters_cold: int = 50
+    """Power iterations on a module's first step (no cached vector; the reference uses 100
+    from a vector of ones on every step)."""
+
+    lambda_solver: LambdaSolver = "secant"
+    """``secant``: ours, warm-started, fixed budget, no host sync; ``bisect``: the paper's
+    bracket-and-bisect reference (host sync per evaluation)."""
+
+    lambda_tol: float = 2e-4
+    """Target ``|h(lambda)|`` (paper: 2e-4); the bisect solver stops there, the secant solver's
+    achieved residual is reported as ``max_abs_h``."""
+
+    lambda_max_iter: int = 20
+    """Bisection steps of the reference solver (paper: at most 20)."""
+
+    lambda_evals: int = 2
+    """msign evaluations per matrix per step of the secant solver once warm (our budget: 2)."""
+
+    lambda_cold_evals: int = 2
+    """Secant evaluations on a module's first step, when no root or slope is cached yet.
+    With 2 the first step is exactly tangent but its direction is only within cosine ~0.995
+    of the exact one (the slope is a rough guess); 4 brings it to ~0.99999. The first step
+    runs at the warm-up's smallest learning rate, so the default keeps the budget at 2."""
+
+    radius_mode: str = "spectral_mup"
+    """Sphere radius rule, see :func:`megatron_sso.ops.target_radius` (paper: spectral_mup)."""
+
+    radius_scaler: float = 1.0
+    """The ``c`` in ``R = c sqrt(d_out / d_in)`` (paper: 1)."""
+
+    scale_mode: str = "spectral_mup"
+    """Update scale rule, see :func:`megatron_sso.ops.update_scale` (paper: sqrt(d_out/d_in))."""
+
+    retract: str = "hard"
+    """``hard``: ``W <- (R / sigma) W`` every step; ``dynamic``: multiply by ``1 -+ alpha lr``
+    toward the sphere (paper App. A.3)."""
+
+    retract_alpha: float = 0.1
+    """Strength of dynamic retraction; the paper ties it to AdamW's weight decay (0.1)."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied in ``muon`` mode only: on the sphere modes the
+    retraction fixes the norm, so decay would be undone (paper: no decay on sphere matrices)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sso", "muon_sphere", "muon"):
+            raise ValueError(f"unknown mode {self.mode!r}; choose 'sso', 'muon_sphere' or 'muon'")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.msign_coefficients not in COEFFICIENT_SETS:
+            raise ValueError(
+                f"unknown msign coefficient set {self.msign_coefficients!r}; choose one of {sorted(COEFFICIENT_SETS)}"
+            )
+        for name in ("msign_dtype", "power_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        for name in ("msign_steps", "power_iters", "power_iters_cold", "lambda_max_iter",
+                     "lambda_evals", "lambda_cold_evals"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.lambda_solver not in ("secant", "bisect"):
+            raise ValueError(f"unknown lambda_solver {self.lambda_solver!r}; choose 'secant' or 'bisect'")
+        if not (self.lambda_tol > 0 and math.isfinite(self.lambda_tol)):
+            raise ValueError(f"lambda_tol must be positive, got {self.lambda_tol!r}")
+        if self.radius_mode not in ("spectral_mup", "identity"):
+            raise ValueError(f"unknown radius_mode {self.radius_mode!r}; choose 'spectral_mup' or 'identity'")
+        if not (self.radius_scaler > 0 and math.isfinite(self.radius_scaler)):
+            raise ValueError(f"radius_scaler must be positive, got {self.radius_scaler!r}")
+        if self.scale_mode not in ("spectral_mup", "shape_scaling", "align_adamw_rms", "identity"):
+            raise ValueError(f"unknown scale_mode {self.scale_mode!r}")
+        if self.retract not in ("hard", "dynamic"):
+            raise ValueError(f"unknown retract mode {self.retract!r}; choose 'hard' or 'dynamic'")
+        if not self.retract_alpha >= 0:
+            raise ValueError(f"retract_alpha must be >= 0, got {self.retract_alpha!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    @property
+    def msign_torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.msign_dtype]
+
+    @property
+    def power_torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.power_dtype]
+
+    @property
+    def on_sphere(self) -> bool:
+        """Whether the mode retracts onto the sphere (SSO and MuonSphere)."""
+        return self.mode != "muon"
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "SphereConfig":
+        """Build from a mapping that may hold other keys (e.g. a param group)."""
+        return cls(**{k: values[k] for k in cls.field_names() if k in values})

@@ -1,0 +1,211 @@
+"""The functional core: one sphere-family step for a batch of same-shape matrices.
+
+Everything here works in place on fp32 tensors shaped ``(B, m, n)`` (``B`` atomic modules of
+one shape, stacked or viewed), so the same code serves the standalone optimizer, the
+data-parallel sharded optimizer and, through the ``allreduce`` / ``partition_dim`` hooks, a
+tensor-parallel shard of each matrix. Per matrix and step (SPEC §2):
+
+1. momentum ``m <- beta m + (1 - beta) g``; input ``M = (1 - beta) g + beta m`` (Nesterov) or ``m``;
+   ``M_hat = M / ||M||_F``;
+2. (sphere modes) power iteration warm-started from the cached ``v`` -> ``sigma, u, v``;
+3. retraction ``W <- (R / sigma) W`` (or the dynamic nudge);
+4. (SSO) ``lambda*`` with ``u^T msign(M_hat + lambda* u v^T) v = 0``; ``Phi`` is that msign;
+   (MuonSphere, Muon) ``Phi = msign(M_hat)``;
+5. ``W <- W - lr * s * Phi`` (Muon also decays ``W`` by ``1 - lr * wd``).
+
+A matrix whose gradient holds a NaN or Inf is left untouched (weight, momentum and caches)
+and counted in the stats; the others in the batch still step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+
+from ..ops.lambda_solver import (
+    LambdaSolution,
+    TangentResidual,
+    lambda_bound,
+    solve_lambda_bisect,
+    solve_lambda_secant,
+)
+from ..ops.newton_schulz import NORM_EPS, AllReduce, msign
+from ..ops.power_iteration import power_iteration
+from ..ops.retraction import retraction_factor
+from .config import SphereConfig
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SphereBuffers:
+    """Per-matrix optimizer state of a batch, each shaped ``(B, ...)`` and updated in place.
+
+    ``right_vector`` is ``None`` until the first sphere step fills it; ``lam`` and ``slope``
+    are the last root and secant slope of the lambda solver, valid once ``lambda_warm`` (a
+    host-side flag, so the solver's evaluation count is fixed without reading the device).
+    """
+
+    momentum: Tensor
+    right_vector: Optional[Tensor]
+    lam: Tensor
+    slope: Tensor
+    lambda_warm: bool = False
+
+
+@dataclass
+class BatchStats:
+    """What one batch step measured; tensors stay on the device until someone reads them."""
+
+    num_matrices: int
+    msign_calls: int
+    max_abs_h: Tensor
+    max_abs_lambda: Tensor
+    skipped: Tensor
+    sigma: Optional[Tensor] = field(default=None)
+
+
+@dataclass(frozen=True)
+class ShardHooks:
+    """How a tensor-parallel shard reaches its peers: ``allreduce`` sums over the group and
+    ``partition_dim`` names the split dimension of the full ``(m, n)`` matrix."""
+
+    allreduce: AllReduce
+    partition_dim: int
+
+
+def _frobenius(M: Tensor, hooks: Optional[ShardHooks]) -> Tensor:
+    sq = M.square().sum(dim=(-2, -1))
+    if hooks is not None:
+        sq = hooks.allreduce(sq)
+    return sq.sqrt()
+
+
+def _finite_mask(G: Tensor, hooks: Optional[ShardHooks]) -> Tensor:
+    bad = (~torch.isfinite(G)).flatten(-2).any(dim=-1).float()
+    if hooks is not None:
+        bad = hooks.allreduce(bad)  # one shard's NaN must stop every shard of that matrix
+    return bad == 0
+
+
+def _solve(cfg: SphereConfig, residual: TangentResidual, bufs: SphereBuffers,
+           full_shape: tuple[int, int], warm: bool) -> LambdaSolution:
+    m, n = full_shape
+    if cfg.lambda_solver == "bisect":
+        sols = []
+        for i in range(residual.M.size(0)):
+            one = TangentResidual(residual.M[i], residual.u[i], residual.v[i],
+                                  residual.msign_fn, residual.allreduce, residual.partition_dim)
+            sols.append(solve_lambda_bisect(one, cfg.lambda_tol, cfg.lambda_max_iter))
+        return LambdaSolution(
+            lam=torch.stack([s.lam for s in sols]).float(),
+            h=torch.stack([s.h for s in sols]),
+            phi=torch.stack([s.phi for s in sols]),
+            slope=bufs.slope,
+            calls=sum(s.calls for s in sols),
+        )
+    if warm:
+        lam0 = bufs.lam
+        slope0 = bufs.slope
+        evals = cfg.lambda_evals
+    else:
+        lam0 = torch.zeros_like(bufs.lam)
+        slope0 = None
+        evals = cfg.lambda_cold_evals
+    sol = solve_lambda_secant(residual, lam0, slope0, evals, bound=lambda_bound(m, n))
+    sol.calls = evals * residual.M.size(0)
+    return sol
+
+
+@torch.no_grad()
+def sphere_update_(
+    W: Tensor,
+    G: Tensor,
+    bufs: SphereBuffers,
+    cfg: SphereConfig,
+    lr: float,
+    radius: float,
+    scale: float,
+    *,
+    full_shape: Optional[tuple[int, int]] = None,
+    hooks: Optional[ShardHooks] = None,
+    right_vector0: Optional[Tensor] = None,
+) -> BatchStats:
+    """One step for the batch ``W`` (``(B, m, n)``, fp32, updated in place) with gradient ``G``.
+
+    Args:
+        W, G: weights and gradients (for a tensor-parallel shard: the local slices).
+        bufs: the batch's state, updated in place.
+        cfg: hyper-parameters.
+        lr: learning rate of this step (read from the param group: schedulers rewrite it).
+        radius, scale: ``R`` and ``s`` of the full matrix shape.
+        full_shape: ``(m, n)`` of the full matrix (defaults to ``W``'s).
+        hooks: tensor-parallel reduction hooks, ``None`` on one process.
+        right_vector0: start vector for a cold power iteration (a column-split shard
+            must pass its slice); default is the fixed start of :func:`power_iteration`.
+    """
+    if W.dim() != 3 or W.shape != G.shape:
+        raise ValueError(f"W and G must be equal (B, m, n) tensors, got {tuple(W.shape)} and {tuple(G.shape)}")
+    full_shape = full_shape or (W.size(-2), W.size(-1))
+    allreduce = hooks.allreduce if hooks is not None else None
+    pdim = hooks.partition_dim if hooks is not None else None
+    B = W.size(0)
+
+    finite = _finite_mask(G, hooks)
+    f3 = finite.view(B, 1, 1)
+    G = torch.where(f3, G.float(), torch.zeros((), dtype=torch.float32, device=G.device))
+    beta = cfg.momentum
+    m_old = bufs.momentum
+    bufs.momentum.copy_(torch.where(f3, torch.lerp(m_old, G, 1.0 - beta), m_old))
+    M = torch.lerp(bufs.momentum, G, 1.0 - beta) if cfg.nesterov else bufs.momentum.clone()
+    M = M / (_frobenius(M, hooks) + NORM_EPS).view(B, 1, 1)
+
+    msign_fn = partial(msign, steps=cfg.msign_steps, coefficients=cfg.msign_coefficients,
+                       compute_dtype=cfg.msign_torch_dtype, allreduce=allreduce, partition_dim=pdim)
+    zero = torch.zeros(B, device=W.device)
+    sigma = None
+    max_abs_h = zero
+    max_abs_lambda = zero
+    if cfg.on_sphere:
+        warm = bufs.right_vector is not None
+        v0 = bufs.right_vector if warm else right_vector0
+        iters = cfg.power_iters if warm else cfg.power_iters_cold
+        sigma, u, v = power_iteration(W, v0, iters, compute_dtype=cfg.power_torch_dtype,
+                                      allreduce=allreduce, partition_dim=pdim)
+        if warm:
+            bufs.right_vector.copy_(torch.where(finite.view(B, 1), v.float(), bufs.right_vector))
+        else:
+            bufs.right_vector = v.float().clone()
+        factor = retraction_factor(sigma, radius, cfg.retract, cfg.retract_alpha, lr)
+        W.mul_(torch.where(finite, factor, torch.ones_like(factor)).view(B, 1, 1))
+        if cfg.mode == "sso":
+            residual = TangentResidual(M, u.float(), v.float(), msign_fn, allreduce, pdim)
+            sol = _solve(cfg, residual, bufs, full_shape, bufs.lambda_warm)
+            bufs.lambda_warm = cfg.lambda_solver == "secant"
+            phi = sol.phi
+            bufs.lam.copy_(torch.where(finite, sol.lam, bufs.lam))
+            bufs.slope.copy_(torch.where(finite, sol.slope, bufs.slope))
+            max_abs_h = torch.where(finite, sol.h.abs(), zero)
+            max_abs_lambda = torch.where(finite, sol.lam.abs(), zero)
+            calls = sol.calls
+        else:
+            phi = msign_fn(M)
+            calls = B
+    else:
+        phi = msign_fn(M)
+        calls = B
+        if cfg.weight_decay > 0:
+            W.mul_(torch.where(f3, 1.0 - lr * cfg.weight_decay, 1.0))
+    coef = torch.where(finite, lr * scale, 0.0).view(B, 1, 1)
+    W.sub_(coef * phi.float())
+    return BatchStats(
+        num_matrices=B,
+        msign_calls=calls,
+        max_abs_h=max_abs_h.max(),
+        max_abs_lambda=max_abs_lambda.max(),
+        skipped=(~finite).sum(),
+        sigma=sigma,
+    )
