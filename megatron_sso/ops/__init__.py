@@ -9,6 +9,7 @@ from .lambda_solver import (
     LambdaSolution,
     TangentResidual,
     add_rank1,
+    cold_slope,
     initial_slope,
     lambda_bound,
     solve_lambda_bisect,
@@ -16,7 +17,7 @@ from .lambda_solver import (
     uv_inner,
 )
 from .newton_schulz import COEFFICIENT_SETS, DEFAULT_STEPS, msign, resolve_coefficients
-from .power_iteration import default_start_vector, power_iteration
+from .power_iteration import block_power_iteration, default_start_vector, power_iteration
 from .retraction import retraction_factor, spectral_mup_init_, target_radius, update_scale
 
 __all__ = [
@@ -25,7 +26,9 @@ __all__ = [
     "LambdaSolution",
     "TangentResidual",
     "add_rank1",
+    "block_power_iteration",
     "default_start_vector",
+    "cold_slope",
     "initial_slope",
     "lambda_bound",
     "msign",

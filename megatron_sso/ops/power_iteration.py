@@ -59,6 +59,83 @@ def _normalise(x: Tensor, allreduce: Optional[AllReduce]) -> tuple[Tensor, Tenso
     return x / norm.clamp_min(TINY), norm.squeeze(-1)
 
 
+def _chol_orthonormalise(V: Tensor, allreduce: Optional[AllReduce]) -> Tensor:
+    """Orthonormalise the columns of ``V`` (``(..., n, b)``) by Cholesky-QR, twice.
+
+    Cholesky-QR needs only the small Gram ``V^T V`` (one all-reduce when ``V``'s rows are
+    split across shards); repeating it once ("CholQR2") restores orthogonality to round-off.
+    A tiny diagonal shift keeps the factorisation defined for rank-deficient blocks.
+    """
+    for _ in range(2):
+        G = V.mT @ V
+        if allreduce is not None:
+            G = allreduce(G)
+        eye = torch.eye(G.size(-1), dtype=G.dtype, device=G.device)
+        shift = 1e-7 * G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
+        L = torch.linalg.cholesky(G + shift * eye)
+        V = torch.linalg.solve_triangular(L, V.mT, upper=False).mT
+    return V
+
+
+def block_power_iteration(
+    W: Tensor,
+    iters: int = 50,
+    block: int = 8,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    allreduce: Optional[AllReduce] = None,
+    partition_dim: Optional[int] = None,
+    offset: int = 0,
+    full_shape: Optional[tuple[int, int]] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top singular triple by subspace iteration on ``block`` vectors plus Rayleigh-Ritz.
+
+    For a module's first step, when no cached vector exists. A single vector converges like
+    ``(sigma_2 / sigma_1)^(2k)``, hopeless for a freshly initialised Gaussian weight whose top
+    singular values are nearly equal; a block converges like ``(sigma_{b+1} / sigma_1)^(2k)``
+    and the Rayleigh-Ritz step then separates the top pair exactly within the block.
+    ``full_shape`` is the unsharded ``(m, n)`` and ``offset`` the first column of a
+    column-split shard (both only matter under tensor parallelism).
+    Returns the same ``(sigma, u, v)`` as :func:`power_iteration`.
+    """
+    if W.dim() < 2:
+        raise ValueError(f"block_power_iteration needs a matrix (..., m, n), got shape {tuple(W.shape)}")
+    A = W.to(compute_dtype)
+    n = A.size(-1)
+    full_m, full_n = full_shape if full_shape is not None else (A.size(-2), n)
+    b = max(1, min(int(block), full_m, full_n))
+    rows_split = allreduce if partition_dim == 0 else None
+    cols_split = allreduce if partition_dim == 1 else None
+    total = full_n if partition_dim == 1 else n
+    cols = [default_start_vector(n, offset=offset, total=total, dtype=torch.float64, device=A.device)]
+    j = torch.arange(offset, offset + n, dtype=torch.float64, device=A.device)
+    for k in range(1, b):  # deterministic, linearly independent cosine ripples
+        cols.append(torch.cos(j * (k + 1) * 0.7548776662466927 * math.pi + k))
+    V = torch.stack(cols, dim=-1).to(compute_dtype).expand(A.shape[:-2] + (n, b))
+    V = _chol_orthonormalise(V, cols_split)
+    for _ in range(int(iters)):
+        U = A @ V
+        if cols_split is not None:
+            U = cols_split(U)
+        U = _chol_orthonormalise(U, rows_split)
+        V = A.mT @ U
+        if rows_split is not None:
+            V = rows_split(V)
+        V = _chol_orthonormalise(V, cols_split)
+    # Rayleigh-Ritz: the small b x b matrix U^T A V holds the block's singular values.
+    U = A @ V
+    if cols_split is not None:
+        U = cols_split(U)
+    U = _chol_orthonormalise(U, rows_split)
+    small = U.mT @ A @ V
+    if allreduce is not None:
+        small = allreduce(small)
+    Us, Ss, Vsh = torch.linalg.svd(small.double())
+    u = (U @ Us[..., :, :1].to(compute_dtype)).squeeze(-1)
+    v = (V @ Vsh[..., :1, :].mT.to(compute_dtype)).squeeze(-1)
+    return Ss[..., 0].float(), u, v
+
+
 def power_iteration(
     W: Tensor,
     v0: Optional[Tensor] = None,

@@ -141,10 +141,14 @@ class SpectralSphere(torch.optim.Optimizer):
             s["lambda_warm"] = bufs.lambda_warm
         return [stats]
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param: Tensor, value: Any, param_id: int,
-                                                 param_groups: list, key: Any = None) -> Any:
-        """Keep state dtypes on load (torch would cast fp32 momentum to a bf16 param's dtype)."""
-        if isinstance(value, Tensor):
-            return value.to(device=param.device)
-        return value
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, then restore the saved state dtypes: torch casts floating state to each
+        parameter's dtype, which would round fp32 momentum to bf16 for bf16 parameters."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for key, value in saved_state.get(pid, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)

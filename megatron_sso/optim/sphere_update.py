@@ -33,7 +33,7 @@ from ..ops.lambda_solver import (
     solve_lambda_secant,
 )
 from ..ops.newton_schulz import NORM_EPS, AllReduce, msign
-from ..ops.power_iteration import power_iteration
+from ..ops.power_iteration import block_power_iteration, power_iteration
 from ..ops.retraction import retraction_factor
 from .config import SphereConfig
 
@@ -75,6 +75,8 @@ class ShardHooks:
 
     allreduce: AllReduce
     partition_dim: int
+    offset: int = 0
+    """Index of this shard's first row (``partition_dim=0``) or column (1) in the full matrix."""
 
 
 def _frobenius(M: Tensor, hooks: Optional[ShardHooks]) -> Tensor:
@@ -132,7 +134,6 @@ def sphere_update_(
     *,
     full_shape: Optional[tuple[int, int]] = None,
     hooks: Optional[ShardHooks] = None,
-    right_vector0: Optional[Tensor] = None,
 ) -> BatchStats:
     """One step for the batch ``W`` (``(B, m, n)``, fp32, updated in place) with gradient ``G``.
 
@@ -144,8 +145,6 @@ def sphere_update_(
         radius, scale: ``R`` and ``s`` of the full matrix shape.
         full_shape: ``(m, n)`` of the full matrix (defaults to ``W``'s).
         hooks: tensor-parallel reduction hooks, ``None`` on one process.
-        right_vector0: start vector for a cold power iteration (a column-split shard
-            must pass its slice); default is the fixed start of :func:`power_iteration`.
     """
     if W.dim() != 3 or W.shape != G.shape:
         raise ValueError(f"W and G must be equal (B, m, n) tensors, got {tuple(W.shape)} and {tuple(G.shape)}")
@@ -171,17 +170,28 @@ def sphere_update_(
     max_abs_lambda = zero
     if cfg.on_sphere:
         warm = bufs.right_vector is not None
-        v0 = bufs.right_vector if warm else right_vector0
-        iters = cfg.power_iters if warm else cfg.power_iters_cold
-        sigma, u, v = power_iteration(W, v0, iters, compute_dtype=cfg.power_torch_dtype,
-                                      allreduce=allreduce, partition_dim=pdim)
+        if warm:
+            sigma, u, v = power_iteration(W, bufs.right_vector, cfg.power_iters,
+                                          compute_dtype=cfg.power_torch_dtype,
+                                          allreduce=allreduce, partition_dim=pdim)
+        else:
+            sigma, u, v = block_power_iteration(
+                W, cfg.power_iters_cold, cfg.power_block, compute_dtype=cfg.power_torch_dtype,
+                allreduce=allreduce, partition_dim=pdim,
+                offset=hooks.offset if hooks is not None else 0, full_shape=full_shape)
         if warm:
             bufs.right_vector.copy_(torch.where(finite.view(B, 1), v.float(), bufs.right_vector))
         else:
             bufs.right_vector = v.float().clone()
         factor = retraction_factor(sigma, radius, cfg.retract, cfg.retract_alpha, lr)
         W.mul_(torch.where(finite, factor, torch.ones_like(factor)).view(B, 1, 1))
-        if cfg.mode == "sso":
+        if cfg.mode == "sso" and full_shape == (1, 1):
+            # A 1x1 sphere is two points: its tangent space is {0}, h is a step function
+            # with no root, and the exact SSO direction is 0 (lambda* = -M makes X = 0).
+            phi = torch.zeros_like(M)
+            bufs.lam.copy_(torch.where(finite, -M.view(B), bufs.lam))
+            calls = 0
+        elif cfg.mode == "sso":
             residual = TangentResidual(M, u.float(), v.float(), msign_fn, allreduce, pdim)
             sol = _solve(cfg, residual, bufs, full_shape, bufs.lambda_warm)
             bufs.lambda_warm = cfg.lambda_solver == "secant"
