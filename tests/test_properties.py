@@ -24,11 +24,12 @@ def test_msign_orthogonalises_full_rank_inputs(m, n, seed):
     Y = msign(X)
     assert Y.shape == X.shape and torch.isfinite(Y).all()
     s = torch.linalg.svdvals(Y.double())
-    # Gaussian inputs up to 64 wide have condition < 1e3 with overwhelming probability;
-    # sso8 then lands every singular value within 1e-2 of 1 (the ill-conditioned tail is
-    # where the polynomial is slowest).
+    # After Frobenius normalisation the smallest singular value is about
+    # 1 / (cond * sqrt(min(m, n))); sso8's 8 steps lift values down to ~1e-3 to within 1e-2
+    # of 1 (measured), so the strict check applies to cond < 100 (most Gaussian draws; a
+    # square Gaussian's tail is heavier, and a cond-1000 64x64 draw ends at 0.973).
     cond = torch.linalg.cond(X.double()).item()
-    if cond < 1e3:
+    if cond < 100:
         assert (s - 1).abs().max() < 1e-2
         assert (Y.double() - msign_ref(X)).abs().max() < 2e-2
 
@@ -40,7 +41,7 @@ def test_msign_and_sigma_on_1024_wide(shape, seed):
     assert (msign(X).double() - msign_ref(X)).abs().max() < 1e-3
     # Cold start: the block iteration separates the nearly equal top singular values of a
     # Gaussian matrix; then a warm single-vector iteration from its v stays exact.
-    sigma, _, v = block_power_iteration(X, iters=30)
+    sigma, _, v, _ = block_power_iteration(X, iters=30)
     exact = torch.linalg.matrix_norm(X.double(), ord=2).item()
     assert abs(sigma.item() - exact) / exact < 1e-5
     sigma2, _, _ = power_iteration(X, v0=v, iters=2)

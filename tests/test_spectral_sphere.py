@@ -34,8 +34,11 @@ def _grad(p, seed=1):
 
 
 def _one_step(p, mode="sso", **kw):
+    """One step with the paper's order only (retract, then update), so that the applied
+    direction can be read off the weight change."""
     W0 = p.detach().clone()
     p.grad = _grad(p)
+    kw.setdefault("retract_after_update", False)
     opt = SpectralSphere([p], lr=LR, mode=mode, **kw)
     opt.step()
     return W0, opt
@@ -60,6 +63,15 @@ def test_sso_step_against_reference(shape, cold_evals):
     stats = opt.last_step_stats
     assert stats["num_matrices"] == 1 and stats["msign_calls"] == cold_evals
     assert stats["max_abs_h"] <= 2e-4 and stats["skipped_nonfinite"] == 0
+
+
+def test_retract_after_update_only_rescales():
+    p, q = _gapped_param(24, 40), _gapped_param(24, 40)
+    _one_step(p)
+    _one_step(q, retract_after_update=True)
+    R = target_radius(24, 40)
+    assert abs(torch.linalg.matrix_norm(q.detach().double(), ord=2).item() - R) / R < 1e-5
+    assert cosine(p.detach(), q.detach()) > 1 - 1e-9
 
 
 def test_bisect_solver_matches_reference():
@@ -132,7 +144,7 @@ def test_state_dict_round_trip_resumes_exactly():
     for p, q in zip(params, clones):
         assert torch.equal(p, q)
     state = opt2.state[clones[0]]
-    assert set(state) >= {"momentum_buffer", "right_vector", "lambda", "slope"}
+    assert set(state) >= {"momentum_buffer", "right_block", "lambda", "slope"}
 
 
 def test_bf16_params_keep_fp32_state_across_load():

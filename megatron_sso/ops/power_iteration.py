@@ -81,37 +81,56 @@ def block_power_iteration(
     W: Tensor,
     iters: int = 50,
     block: int = 8,
+    V0: Optional[Tensor] = None,
     *,
     compute_dtype: torch.dtype = torch.float32,
     allreduce: Optional[AllReduce] = None,
     partition_dim: Optional[int] = None,
     offset: int = 0,
     full_shape: Optional[tuple[int, int]] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top singular triple by subspace iteration on ``block`` vectors plus Rayleigh-Ritz.
 
-    For a module's first step, when no cached vector exists. A single vector converges like
-    ``(sigma_2 / sigma_1)^(2k)``, hopeless for a freshly initialised Gaussian weight whose top
-    singular values are nearly equal; a block converges like ``(sigma_{b+1} / sigma_1)^(2k)``
-    and the Rayleigh-Ritz step then separates the top pair exactly within the block.
-    ``full_shape`` is the unsharded ``(m, n)`` and ``offset`` the first column of a
-    column-split shard (both only matter under tensor parallelism).
-    Returns the same ``(sigma, u, v)`` as :func:`power_iteration`.
+    A single vector converges like ``(sigma_2 / sigma_1)^(2k)``: hopeless for a fresh
+    Gaussian weight, whose top singular values are nearly equal, and for a weight on the
+    sphere, whose spectrum SSO flattens so that the top direction can change from one step
+    to the next. A block converges like ``(sigma_{b+1} / sigma_1)^(2k)``, and the
+    Rayleigh-Ritz step picks the top pair exactly within the block.
+
+    Args:
+        W: ``(..., m, n)``.
+        iters: subspace iterations (each: two block products and two orthonormalisations).
+        block: block size ``b`` (capped by the matrix's dimensions).
+        V0: warm start ``(..., n, b)`` (last call's returned block); ``None`` uses fixed
+            deterministic cosine vectors.
+        full_shape, offset: the unsharded ``(m, n)`` and a column-split shard's first column.
+
+    Returns:
+        ``sigma`` (``(...)``, fp32), ``u`` (``(..., m)``), ``v`` (``(..., n)``) and the
+        Ritz block ``(..., n, b)`` sorted by decreasing Ritz value (column 0 is ``v``), to
+        warm-start the next call.
     """
     if W.dim() < 2:
         raise ValueError(f"block_power_iteration needs a matrix (..., m, n), got shape {tuple(W.shape)}")
+    if int(iters) != iters or iters < 0:
+        raise ValueError(f"block power iteration count must be a non-negative integer, got {iters!r}")
     A = W.to(compute_dtype)
     n = A.size(-1)
     full_m, full_n = full_shape if full_shape is not None else (A.size(-2), n)
     b = max(1, min(int(block), full_m, full_n))
     rows_split = allreduce if partition_dim == 0 else None
     cols_split = allreduce if partition_dim == 1 else None
-    total = full_n if partition_dim == 1 else n
-    cols = [default_start_vector(n, offset=offset, total=total, dtype=torch.float64, device=A.device)]
-    j = torch.arange(offset, offset + n, dtype=torch.float64, device=A.device)
-    for k in range(1, b):  # deterministic, linearly independent cosine ripples
-        cols.append(torch.cos(j * (k + 1) * 0.7548776662466927 * math.pi + k))
-    V = torch.stack(cols, dim=-1).to(compute_dtype).expand(A.shape[:-2] + (n, b))
+    if V0 is None:
+        total = full_n if partition_dim == 1 else n
+        cols = [default_start_vector(n, offset=offset, total=total, dtype=torch.float64, device=A.device)]
+        j = torch.arange(offset, offset + n, dtype=torch.float64, device=A.device)
+        for k in range(1, b):  # deterministic, linearly independent cosine ripples
+            cols.append(torch.cos(j * (k + 1) * 0.7548776662466927 * math.pi + k))
+        V = torch.stack(cols, dim=-1).to(compute_dtype).expand(A.shape[:-2] + (n, b))
+    else:
+        if V0.shape != A.shape[:-2] + (n, b):
+            raise ValueError(f"V0 must have shape {tuple(A.shape[:-2] + (n, b))}, got {tuple(V0.shape)}")
+        V = V0.to(compute_dtype)
     V = _chol_orthonormalise(V, cols_split)
     for _ in range(int(iters)):
         U = A @ V
@@ -131,9 +150,9 @@ def block_power_iteration(
     if allreduce is not None:
         small = allreduce(small)
     Us, Ss, Vsh = torch.linalg.svd(small.double())
+    ritz_v = V @ Vsh.mT.to(compute_dtype)
     u = (U @ Us[..., :, :1].to(compute_dtype)).squeeze(-1)
-    v = (V @ Vsh[..., :1, :].mT.to(compute_dtype)).squeeze(-1)
-    return Ss[..., 0].float(), u, v
+    return Ss[..., 0].float(), u, ritz_v[..., 0], ritz_v
 
 
 def power_iteration(

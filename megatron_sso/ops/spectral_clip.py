@@ -386,8 +386,19 @@ def soft_spectral_clip(
         return X.clone()
     gd = recipe.gram_dtype
 
-    Xg = Xo.to(gd)
-    G = Xg.mT @ Xg  # (..., n, n), contiguous: this is what a shard contributes
+    # K = (X/c)^T (X/c): dividing before the product keeps the Gram in range whenever X/c is
+    # (sigma/c up to ~1e19 in float32) and lets K ~ 0 underflow harmlessly when sigma << c.
+    Xs = Xo.to(gd) * (1.0 / level)
+    if allreduce is None:
+        # One process: an exact power-of-two rescale alpha of matrices with max|X/c| > 2^40
+        # keeps their Gram finite up to the dtype's range (K = G / alpha^2 below). A sharded
+        # call cannot agree on alpha without a second reduction, so it keeps alpha = 1.
+        big = Xs.abs().amax(dim=(-2, -1), keepdim=True)
+        alpha = torch.where(big > 2.0**40, torch.exp2(-torch.ceil(torch.log2(big))), torch.ones_like(big))
+        Xs = Xs * alpha
+    else:
+        alpha = torch.ones(Xs.shape[:-2] + (1, 1), dtype=gd, device=X.device)
+    G = Xs.mT @ Xs  # (..., n, n), contiguous: what this shard contributes (alpha^2 K)
     if allreduce is not None:
         reduced = allreduce(G)
         if reduced is not None:
@@ -397,32 +408,40 @@ def soft_spectral_clip(
                     f"shape {tuple(G.shape)}, got {getattr(reduced, 'shape', type(reduced).__name__)}"
                 )
             G = reduced.to(gd)
-    K = (G + G.mT) * (0.5 / (level * level))  # exactly symmetric X^T X / c^2
+    K = (G + G.mT) * 0.5  # alpha^2 (X/c)^T (X/c), exactly symmetric
 
-    # Upper bound b >= lambda_max(K): lambda_max^4 <= ||K^4||_F, so with K^ = K / ||K||_F,
-    # b = ||K||_F ||K^^4||_F^(1/4) overestimates by at most n^(1/8) (||K||_F alone: sqrt(n)).
-    eye_g = torch.eye(n, dtype=gd, device=X.device)
-    kf = torch.linalg.matrix_norm(K).unsqueeze(-1).unsqueeze(-1)  # (..., 1, 1)
-    Kh = K / kf.clamp_min(torch.finfo(gd).tiny)
-    Kh = Kh @ Kh
-    Kh = Kh @ Kh
-    bound = torch.minimum(kf, kf * torch.linalg.matrix_norm(Kh).unsqueeze(-1).unsqueeze(-1).pow(0.25))
+    # Upper bound b >= lambda_max(K): lambda_max^4 <= ||K^4||_F, so with Kh = K / ||K||_F,
+    # b = ||K||_F ||Kh^4||_F^(1/4) overestimates by at most n^(1/8) (||K||_F alone: sqrt(n)).
+    # Norms are taken after dividing by max|K| so that they neither overflow nor underflow.
+    tiny = torch.finfo(gd).tiny
+    amax = K.abs().amax(dim=(-2, -1), keepdim=True)
+    Ka = K / amax.clamp_min(tiny)
+    kfa = torch.linalg.matrix_norm(Ka)[..., None, None]  # ||K||_F / max|K|, in [1, n] (or 0)
+    Kh = Ka / kfa.clamp_min(tiny)  # K / ||K||_F
+    Kh4 = Kh @ Kh
+    Kh4 = Kh4 @ Kh4
+    ratio = torch.linalg.matrix_norm(Kh4)[..., None, None].pow(0.25).clamp_max(1.0)
 
+    # Per-matrix scalars in float64 (they can exceed float32's range when sigma/c > 1e19).
     # Normaliser s and spectral floor mu (module docstring, "Precision"): the spectrum of
-    # Y0 = (mu I + K)/s lies in [phi, 1] and mu = 1 (exact) whenever 1/s >= phi.
+    # Y0 = (mu I + K)/s lies in [phi, 1], and mu = 1 (exact) whenever 1/s >= phi.
     phi = max(recipe.phi_min, recipe.gram_unit_roundoff * math.sqrt(max(m, 1)))
+    inv_alpha2 = alpha.double().pow(-2)
+    kf = amax.double() * kfa.double() * inv_alpha2
+    bound = kf * ratio.double()
     s = torch.maximum(1.0 + bound, bound / (1.0 - phi))
     mu = torch.clamp(phi * s, min=1.0)
-    Y0 = ((K + mu * eye_g) / s).to(compute_dtype)
+    eye_g = torch.eye(n, dtype=gd, device=X.device)
+    Y0 = (Kh * (kf / s).to(gd) + eye_g * (mu / s).to(gd)).to(compute_dtype)
 
     eye = torch.eye(n, dtype=compute_dtype, device=X.device)
     table = _table(recipe.table, n_steps)
     P = _poly_step(Y0, eye, *table[0])  # P_0 = I, so R_0 = Y0 and P_1 = T_0
     for a, b, c3 in table[1:]:
         P = P @ _poly_step(P.mT @ (Y0 @ P), eye, a, b, c3)
-    P = P * s.rsqrt().to(compute_dtype)
 
-    H = Xo.to(compute_dtype) @ P
+    # H = X (mu I + K)^(-1/2) = (alpha X/c) P (c / (alpha sqrt(s))); both factors stay in range.
+    H = Xs.to(compute_dtype) @ (P * (level / (alpha.double() * s.sqrt())).to(compute_dtype))
     if transpose:
         H = H.mT
     return H.to(X.dtype)

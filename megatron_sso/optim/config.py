@@ -49,8 +49,9 @@ class SphereConfig:
     power_dtype: str = "fp32"
     """Compute dtype of the power iteration (the paper suggests bf16)."""
 
-    power_iters: int = 3
-    """Power iterations per step when warm-started from last step's singular vector."""
+    power_iters: int = 2
+    """Block power iterations per step on the updated weight, warm-started from the cached
+    block (the weight moved by O(lr), so a couple of iterations track its top pair)."""
 
     power_iters_cold: int = 50
     """Block power iterations on a module's first step, when no vector is cached (the
@@ -93,6 +94,10 @@ class SphereConfig:
     """``hard``: ``W <- (R / sigma) W`` every step; ``dynamic``: multiply by ``1 -+ alpha lr``
     toward the sphere (paper App. A.3)."""
 
+    retract_after_update: bool = True
+    """With hard retraction, also retract after the update so the stored weight is on the
+    sphere (see :mod:`megatron_sso.optim.sphere_update`, step 6)."""
+
     retract_alpha: float = 0.1
     """Strength of dynamic retraction; the paper ties it to AdamW's weight decay (0.1)."""
 
@@ -112,11 +117,13 @@ class SphereConfig:
         for name in ("msign_dtype", "power_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
-        for name in ("msign_steps", "power_iters", "power_iters_cold", "power_block", "lambda_max_iter",
+        for name in ("msign_steps", "power_iters_cold", "power_block", "lambda_max_iter",
                      "lambda_evals", "lambda_cold_evals"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.power_iters, int) or self.power_iters < 0:
+            raise ValueError(f"power_iters must be a non-negative integer, got {self.power_iters!r}")
         if self.lambda_solver not in ("secant", "bisect"):
             raise ValueError(f"unknown lambda_solver {self.lambda_solver!r}; choose 'secant' or 'bisect'")
         if not (self.lambda_tol > 0 and math.isfinite(self.lambda_tol)):

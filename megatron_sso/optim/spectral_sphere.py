@@ -22,9 +22,9 @@ from .step_stats import StepStats
 
 Tensor = torch.Tensor
 
-STATE_KEYS = ("momentum_buffer", "right_vector", "lambda", "slope", "lambda_warm")
-"""Per-parameter state: the momentum (param shape, fp32), the cached right singular vector
-(length d_in), the last lambda root and secant slope (0-d tensors), and whether they are set."""
+STATE_KEYS = ("momentum_buffer", "right_block", "lambda", "slope", "lambda_warm")
+"""Per-parameter state: the momentum (param shape, fp32), the cached block of right singular
+vectors (``d_in x b``), the last lambda root and secant slope (0-d tensors), and whether set."""
 
 
 class SpectralSphere(torch.optim.Optimizer):
@@ -111,15 +111,15 @@ class SpectralSphere(torch.optim.Optimizer):
         states = [self._state_for(p) for p in bucket]
         d_out, d_in = bucket[0].shape
         # One batched solve needs one warm/cold status (it fixes the evaluation count).
-        if len({("right_vector" in s, s["lambda_warm"]) for s in states}) > 1:
+        if len({("right_block" in s, s["lambda_warm"]) for s in states}) > 1:
             return [st for p in bucket for st in self._step_bucket([p], cfg, lr)]
         single = len(bucket) == 1 and bucket[0].dtype == torch.float32
         W = bucket[0].unsqueeze(0) if single else torch.stack([p.float() for p in bucket])
         G = torch.stack([p.grad for p in bucket])
-        has_v = "right_vector" in states[0]
+        has_v = "right_block" in states[0]
         bufs = SphereBuffers(
             momentum=torch.stack([s["momentum_buffer"] for s in states]),
-            right_vector=torch.stack([s["right_vector"] for s in states]) if has_v else None,
+            right_block=torch.stack([s["right_block"] for s in states]) if has_v else None,
             lam=torch.stack([s["lambda"] for s in states]),
             slope=torch.stack([s["slope"] for s in states]),
             lambda_warm=states[0]["lambda_warm"],
@@ -131,11 +131,11 @@ class SpectralSphere(torch.optim.Optimizer):
             if not single:
                 p.copy_(W[i])
             s["momentum_buffer"].copy_(bufs.momentum[i])
-            if bufs.right_vector is not None:
-                if "right_vector" in s:
-                    s["right_vector"].copy_(bufs.right_vector[i])
+            if bufs.right_block is not None:
+                if "right_block" in s:
+                    s["right_block"].copy_(bufs.right_block[i])
                 else:
-                    s["right_vector"] = bufs.right_vector[i].clone()
+                    s["right_block"] = bufs.right_block[i].clone()
             s["lambda"].copy_(bufs.lam[i])
             s["slope"].copy_(bufs.slope[i])
             s["lambda_warm"] = bufs.lambda_warm

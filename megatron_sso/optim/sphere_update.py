@@ -7,11 +7,17 @@ tensor-parallel shard of each matrix. Per matrix and step (SPEC §2):
 
 1. momentum ``m <- beta m + (1 - beta) g``; input ``M = (1 - beta) g + beta m`` (Nesterov) or ``m``;
    ``M_hat = M / ||M||_F``;
-2. (sphere modes) power iteration warm-started from the cached ``v`` -> ``sigma, u, v``;
+2. (sphere modes) ``sigma, u, v`` from the cached block of right singular vectors
+   (block power iteration with Rayleigh-Ritz, see :func:`block_power_iteration`);
 3. retraction ``W <- (R / sigma) W`` (or the dynamic nudge);
 4. (SSO) ``lambda*`` with ``u^T msign(M_hat + lambda* u v^T) v = 0``; ``Phi`` is that msign;
    (MuonSphere, Muon) ``Phi = msign(M_hat)``;
-5. ``W <- W - lr * s * Phi`` (Muon also decays ``W`` by ``1 - lr * wd``).
+5. ``W <- W - lr * s * Phi`` (Muon also decays ``W`` by ``1 - lr * wd``);
+6. (sphere modes) refine the cached block on the new ``W`` and, with hard retraction, retract
+   again, so that the stored weight (what the next forward pass sees) is on the sphere. The
+   paper retracts only at the start of a step; the stored weight then sits up to ``lr * s``
+   off the sphere (a flattened spectrum lets another direction grow past ``R``). Retracting
+   at the end too changes nothing else: the next step's retraction becomes a no-op.
 
 A matrix whose gradient holds a NaN or Inf is left untouched (weight, momentum and caches)
 and counted in the stats; the others in the batch still step.
@@ -33,7 +39,7 @@ from ..ops.lambda_solver import (
     solve_lambda_secant,
 )
 from ..ops.newton_schulz import NORM_EPS, AllReduce, msign
-from ..ops.power_iteration import block_power_iteration, power_iteration
+from ..ops.power_iteration import block_power_iteration
 from ..ops.retraction import retraction_factor
 from .config import SphereConfig
 
@@ -44,13 +50,14 @@ Tensor = torch.Tensor
 class SphereBuffers:
     """Per-matrix optimizer state of a batch, each shaped ``(B, ...)`` and updated in place.
 
-    ``right_vector`` is ``None`` until the first sphere step fills it; ``lam`` and ``slope``
+    ``right_block`` (``(B, n, b)``, Ritz vectors, column 0 the top right singular vector)
+    is ``None`` until the first sphere step fills it; ``lam`` and ``slope``
     are the last root and secant slope of the lambda solver, valid once ``lambda_warm`` (a
     host-side flag, so the solver's evaluation count is fixed without reading the device).
     """
 
     momentum: Tensor
-    right_vector: Optional[Tensor]
+    right_block: Optional[Tensor]
     lam: Tensor
     slope: Tensor
     lambda_warm: bool = False
@@ -168,21 +175,17 @@ def sphere_update_(
     sigma = None
     max_abs_h = zero
     max_abs_lambda = zero
+    power = partial(block_power_iteration, block=cfg.power_block, compute_dtype=cfg.power_torch_dtype,
+                    allreduce=allreduce, partition_dim=pdim,
+                    offset=hooks.offset if hooks is not None else 0, full_shape=full_shape)
     if cfg.on_sphere:
-        warm = bufs.right_vector is not None
-        if warm:
-            sigma, u, v = power_iteration(W, bufs.right_vector, cfg.power_iters,
-                                          compute_dtype=cfg.power_torch_dtype,
-                                          allreduce=allreduce, partition_dim=pdim)
+        if bufs.right_block is None:
+            sigma, u, v, block = power(W, cfg.power_iters_cold)
+            bufs.right_block = block.float().clone()
         else:
-            sigma, u, v = block_power_iteration(
-                W, cfg.power_iters_cold, cfg.power_block, compute_dtype=cfg.power_torch_dtype,
-                allreduce=allreduce, partition_dim=pdim,
-                offset=hooks.offset if hooks is not None else 0, full_shape=full_shape)
-        if warm:
-            bufs.right_vector.copy_(torch.where(finite.view(B, 1), v.float(), bufs.right_vector))
-        else:
-            bufs.right_vector = v.float().clone()
+            # The cached block was refined on this very weight at the end of the last step:
+            # one product gives sigma and u (and retracts anything that moved W since).
+            sigma, u, v, block = power(W, 0, V0=bufs.right_block)
         factor = retraction_factor(sigma, radius, cfg.retract, cfg.retract_alpha, lr)
         W.mul_(torch.where(finite, factor, torch.ones_like(factor)).view(B, 1, 1))
         if cfg.mode == "sso" and full_shape == (1, 1):
@@ -211,6 +214,15 @@ def sphere_update_(
             W.mul_(torch.where(f3, 1.0 - lr * cfg.weight_decay, 1.0))
     coef = torch.where(finite, lr * scale, 0.0).view(B, 1, 1)
     W.sub_(coef * phi.float())
+    if cfg.on_sphere:
+        # Refine the cached block on the updated weight (warm, a few iterations); with hard
+        # retraction also put the weight back on the sphere now, so that the forward pass
+        # always sees ||W||_2 = R (the next step's retraction is then a no-op).
+        sigma2, _, _, block2 = power(W, cfg.power_iters, V0=bufs.right_block)
+        bufs.right_block.copy_(torch.where(finite.view(B, 1, 1), block2.float(), bufs.right_block))
+        if cfg.retract == "hard" and cfg.retract_after_update:
+            factor2 = retraction_factor(sigma2, radius, "hard")
+            W.mul_(torch.where(finite, factor2, torch.ones_like(factor2)).view(B, 1, 1))
     return BatchStats(
         num_matrices=B,
         msign_calls=calls,

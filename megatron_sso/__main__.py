@@ -1,0 +1,3 @@
+from megatron_sso.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Command-line entry points (``megatron-sso`` / ``python -m megatron_sso``)."""
