@@ -92,6 +92,8 @@ class LambdaSolution:
     phi: Tensor
     slope: Tensor
     calls: int
+    fallback: Optional[Tensor] = None
+    """Per matrix: whether the secant solver fell back to the tangent projection."""
 
 
 def lambda_bound(m: int, n: int) -> float:
@@ -220,7 +222,8 @@ def solve_lambda_secant(
     ``t = h_a / (h_a - h_b)`` has ``<Theta, Phi> = 0`` exactly, and differs from
     ``msign(M + l Theta)`` at ``l = l_a + t (l_b - l_a)`` only to second order in
     ``l_b - l_a``. The pair is the tightest bracket found (or the last two points when
-    the root was not bracketed; ``t`` is then clipped to :data:`EXTRAPOLATION_RANGE`). No msign is recomputed: the answer reuses both.
+    the root was not bracketed; when ``t`` falls outside :data:`EXTRAPOLATION_RANGE` the
+    direction is instead projected onto the tangent space and ``fallback`` is set). No msign is recomputed: the answer reuses both.
     The returned ``h`` is measured on the returned direction.
     """
     if int(evals) != evals or evals < 1:
@@ -273,8 +276,17 @@ def solve_lambda_secant(
     pb = where3(bracketed, phi_hi, phi)
     dh = ha - hb
     t = torch.where(dh != 0, ha / torch.where(dh != 0, dh, torch.ones_like(dh)), torch.zeros_like(dh))
-    t = torch.where(bracketed, t.clamp(0.0, 1.0), t.clamp(*EXTRAPOLATION_RANGE))
+    lo_t, hi_t = EXTRAPOLATION_RANGE
+    fallback = ~bracketed & ((t < lo_t) | (t > hi_t) | (dh == 0))
+    t = torch.where(bracketed, t.clamp(0.0, 1.0), t.clamp(lo_t, hi_t))
     phi_c = pa + t.view(t.shape + (1, 1)).to(pa.dtype) * (pb - pa)
     lam_c = la + t * (lb - la)
     h_c = uv_inner(phi_c, residual.u, residual.v, residual.allreduce).float()
-    return LambdaSolution(lam_c, h_c, phi_c, slope, int(evals))
+    # Fallback when the root lies far outside the two points (a sudden jump of lambda*,
+    # ~1% of steps on recorded GPT runs): project the direction onto the tangent space,
+    # Phi <- Phi - h Theta (Theta has unit Frobenius norm), a first-order answer that the
+    # stats count, instead of a third msign.
+    phi_c = torch.where(fallback.view(fallback.shape + (1, 1)),
+                        add_rank1(phi_c, residual.u, residual.v, -h_c), phi_c)
+    h_c = torch.where(fallback, uv_inner(phi_c, residual.u, residual.v, residual.allreduce).float(), h_c)
+    return LambdaSolution(lam_c, h_c, phi_c, slope, int(evals), fallback)

@@ -71,7 +71,8 @@ class SpectralSphere(torch.optim.Optimizer):
     def last_step_stats(self) -> dict[str, float]:
         """What the last ``step()`` measured (reading it synchronises with the device once):
         ``msign_calls``, ``num_matrices``, ``msign_calls_per_matrix``, ``max_abs_h``,
-        ``max_abs_lambda``, ``skipped_nonfinite``."""
+        ``max_abs_lambda``, ``skipped_nonfinite``, ``lambda_fallbacks`` (matrices whose
+        secant solve ended in the tangent-projection fallback)."""
         return self._last_stats.as_dict() if self._last_stats is not None else {}
 
     def _state_for(self, p: Tensor) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class BatchStats:
     max_abs_h: Tensor
     max_abs_lambda: Tensor
     skipped: Tensor
+    fallbacks: Optional[Tensor] = field(default=None)
     sigma: Optional[Tensor] = field(default=None)
 
 
@@ -175,6 +176,7 @@ def sphere_update_(
     sigma = None
     max_abs_h = zero
     max_abs_lambda = zero
+    fallbacks = torch.zeros((), device=W.device)
     power = partial(block_power_iteration, block=cfg.power_block, compute_dtype=cfg.power_torch_dtype,
                     allreduce=allreduce, partition_dim=pdim,
                     offset=hooks.offset if hooks is not None else 0, full_shape=full_shape)
@@ -203,6 +205,8 @@ def sphere_update_(
             bufs.slope.copy_(torch.where(finite, sol.slope, bufs.slope))
             max_abs_h = torch.where(finite, sol.h.abs(), zero)
             max_abs_lambda = torch.where(finite, sol.lam.abs(), zero)
+            if sol.fallback is not None:
+                fallbacks = (sol.fallback & finite).sum()
             calls = sol.calls
         else:
             phi = msign_fn(M)
@@ -229,5 +233,6 @@ def sphere_update_(
         max_abs_h=max_abs_h.max(),
         max_abs_lambda=max_abs_lambda.max(),
         skipped=(~finite).sum(),
+        fallbacks=fallbacks,
         sigma=sigma,
     )

@@ -26,6 +26,7 @@ class StepStats:
     max_abs_h: Optional[Tensor]
     max_abs_lambda: Optional[Tensor]
     skipped: Optional[Tensor]
+    fallbacks: Optional[Tensor] = None
     _cache: Optional[dict[str, float]] = None
 
     @classmethod
@@ -38,14 +39,15 @@ class StepStats:
             max_abs_h=torch.stack([b.max_abs_h.to(batches[0].max_abs_h.device) for b in batches]).max(),
             max_abs_lambda=torch.stack([b.max_abs_lambda.to(batches[0].max_abs_h.device) for b in batches]).max(),
             skipped=torch.stack([b.skipped.to(batches[0].max_abs_h.device) for b in batches]).sum(),
+            fallbacks=torch.stack([b.fallbacks.to(batches[0].max_abs_h.device).float() for b in batches]).sum(),
         )
 
     def as_dict(self) -> dict[str, float]:
         if self._cache is None:
-            values = [0.0, 0.0, 0.0]
+            values = [0.0, 0.0, 0.0, 0.0]
             if self.max_abs_h is not None:
                 values = torch.stack([self.max_abs_h.float(), self.max_abs_lambda.float(),
-                                      self.skipped.float()]).tolist()
+                                      self.skipped.float(), self.fallbacks.float()]).tolist()
             self._cache = {
                 "num_matrices": self.num_matrices,
                 "msign_calls": self.msign_calls,
@@ -53,5 +55,6 @@ class StepStats:
                 "max_abs_h": values[0],
                 "max_abs_lambda": values[1],
                 "skipped_nonfinite": int(values[2]),
+                "lambda_fallbacks": int(values[3]),
             }
         return dict(self._cache)
