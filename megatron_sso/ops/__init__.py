@@ -18,6 +18,7 @@ from .lambda_solver import (
 )
 from .newton_schulz import COEFFICIENT_SETS, DEFAULT_STEPS, msign, resolve_coefficients
 from .power_iteration import block_power_iteration, default_start_vector, power_iteration
+from .spectral_clip import hard_spectral_clip, soft_spectral_clip, spectra_update_scale
 from .retraction import retraction_factor, spectral_mup_init_, target_radius, update_scale
 
 __all__ = [
@@ -39,6 +40,9 @@ __all__ = [
     "solve_lambda_secant",
     "spectral_mup_init_",
     "target_radius",
+    "hard_spectral_clip",
+    "soft_spectral_clip",
+    "spectra_update_scale",
     "update_scale",
     "uv_inner",
 ]
