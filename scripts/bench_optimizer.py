@@ -1,0 +1,148 @@
+"""Time one optimizer step on the atomic modules of one Dense 1.7B layer (or a width proxy).
+
+Optimizers, all timed in the same process with interleaved repeats (so machine noise hits
+each alike): AdamW (torch, fused where available), Muon, MuonSphere, SSO (our secant solver)
+and SSO with the paper's bracket-and-bisect solver. Reports the median step time, the ratios
+SSO/Muon and SSO/MuonSphere, msign calls per matrix, and Newton-Schulz FLOP/s as a fraction
+of a plain matmul of the same size.
+
+Shapes (SPEC §6, per layer, after the paper's atomic-module split §4.3): 16 Q heads and 8 K
+and 8 V groups of ``head_dim x hidden``, the output projection ``hidden x hidden``, gate and
+up ``ffn x hidden``, down ``hidden x ffn``. ``--scale 4`` divides hidden, head_dim and ffn by 4.
+
+Gradients follow a fixed synthetic trajectory shaped like training (low rank plus noise, with
+drifting directions), and every optimizer runs ``--warmup`` steps first, so the timed steps
+are warm (cached singular vectors, cached lambda and slope).
+
+    python scripts/bench_optimizer.py --scale 4            # CPU-sized proxy
+    python scripts/bench_optimizer.py --scale 1 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from megatron_sso import SpectralSphere
+from megatron_sso.ops import msign
+
+
+def layer_shapes(hidden: int, head_dim: int, heads: int, groups: int, ffn: int) -> list[tuple[int, int]]:
+    return ([(head_dim, hidden)] * (heads + 2 * groups) + [(hidden, heads * head_dim)]
+            + [(ffn, hidden)] * 2 + [(hidden, ffn)])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class GradientStream:
+    """Low-rank-plus-noise gradients whose factors drift a little every step."""
+
+    def __init__(self, params: list[torch.Tensor], seed: int = 0, rank: int = 8) -> None:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        dev = params[0].device
+        self.factors = [(torch.randn(p.size(0), rank, generator=g).to(dev),
+                         torch.randn(p.size(1), rank, generator=g).to(dev)) for p in params]
+        self.params = params
+
+    def fill(self) -> None:
+        for p, (L, R) in zip(self.params, self.factors):
+            L.add_(torch.randn_like(L), alpha=0.05)
+            p.grad = (L @ R.T) / L.size(1) + 0.3 * torch.randn_like(p)
+
+
+def make_params(shapes, device, seed) -> list[torch.nn.Parameter]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(*s, generator=g) / s[1] ** 0.5).to(device)) for s in shapes]
+
+
+def build(name: str, params):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=5e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    mode, solver = {"muon": ("muon", "secant"), "muon_sphere": ("muon_sphere", "secant"),
+                    "sso": ("sso", "secant"), "sso_bisect": ("sso", "bisect")}[name]
+    return SpectralSphere(params, lr=5e-3, mode=mode, lambda_solver=solver)
+
+
+def ns_flops(m: int, n: int, steps: int = 8) -> float:
+    """FLOPs of ``steps`` Newton-Schulz steps on the wide orientation (m <= n): per step
+    ``A = X X^T`` (2 m^2 n), ``b A + c A^2`` (2 m^3) and ``B X`` (2 m^2 n)."""
+    m, n = min(m, n), max(m, n)
+    return steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def time_it(fn, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=int, default=4, help="divide hidden, head_dim and ffn by this")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--optimizers", default="adamw,muon,muon_sphere,sso,sso_bisect")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    hidden, head_dim, ffn = 2048 // args.scale, 128 // args.scale, 6144 // args.scale
+    shapes = layer_shapes(hidden, head_dim, 16, 8, ffn)
+    names = args.optimizers.split(",")
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"device: {machine}; torch {torch.__version__}")
+    print(f"one Dense-1.7B layer / {args.scale}: hidden {hidden}, head_dim {head_dim}, ffn {ffn}; "
+          f"{len(shapes)} atomic modules, {sum(a * b for a, b in shapes) / 1e6:.1f}M weights")
+
+    runs = {}
+    for name in names:
+        params = make_params(shapes, device, seed=0)
+        opt = build(name, params)
+        stream = GradientStream(params, seed=1)
+        for _ in range(args.warmup):
+            stream.fill()
+            opt.step()
+        runs[name] = (opt, stream, [], [])
+    for _ in range(args.repeats):  # interleaved: every optimizer once per round
+        for name, (opt, stream, times, calls) in runs.items():
+            stream.fill()
+            times.append(time_it(opt.step, device, 1))
+            if isinstance(opt, SpectralSphere):
+                st = opt.last_step_stats
+                calls.append(st["msign_calls_per_matrix"])
+    med = {n: statistics.median(r[2]) for n, r in runs.items()}
+    print(f"\n{'optimizer':<12} {'median ms':>10} {'msign/matrix':>13}")
+    for name, (_, _, times, calls) in runs.items():
+        c = f"{statistics.mean(calls):.2f}" if calls else "-"
+        print(f"{name:<12} {1000 * med[name]:>10.1f} {c:>13}")
+    if "sso" in med:
+        for other in ("muon", "muon_sphere", "sso_bisect"):
+            if other in med:
+                print(f"SSO / {other}: {med['sso'] / med[other]:.2f}")
+
+    # Newton-Schulz vs plain matmul throughput on the layer's largest shape.
+    m, n = max(shapes, key=lambda s: s[0] * s[1])
+    X = torch.randn(m, n, device=device)
+    a = torch.randn(min(m, n), max(m, n), device=device)
+    b = torch.randn(max(m, n), min(m, n), device=device)
+    t_ns = time_it(lambda: msign(X), device, args.repeats)
+    t_mm = time_it(lambda: a @ b, device, args.repeats)
+    ns_rate = ns_flops(m, n) / t_ns
+    mm_rate = 2 * min(m, n) ** 2 * max(m, n) / t_mm
+    print(f"\nmsign {m}x{n}: {ns_rate / 1e9:.1f} GFLOP/s vs matmul {mm_rate / 1e9:.1f} GFLOP/s "
+          f"({100 * ns_rate / mm_rate:.0f}% of a plain matmul)")
+
+
+if __name__ == "__main__":
+    main()
