@@ -160,7 +160,7 @@ def solve_lambda_bisect(
     if abs(h0.item()) <= tol:
         return LambdaSolution(zero, h0, phi0, torch.tensor(float("nan"), device=dev), 1)
     direction = -1.0 if h0.item() > 0 else 1.0  # h is non-decreasing: walk against its sign
-    lo, h_lo = zero, h0
+    lo = zero
     hi = None
     t = step
     for _ in range(doublings + 1):
@@ -173,7 +173,7 @@ def solve_lambda_bisect(
         if (h.item() > 0) != (h0.item() > 0):
             hi = lam
             break
-        lo, h_lo = lam, h
+        lo = lam
         t *= 2.0
     if hi is None:  # no sign change: fall back to a MuonSphere step, as the reference does
         return LambdaSolution(zero, h0, phi0, torch.tensor(float("nan"), device=dev), residual.calls - calls_before)

@@ -6,14 +6,14 @@ Recipes choose values; behaviour lives in code. Each field's default is the pape
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Literal
 
 import torch
 
 from ..ops.newton_schulz import COEFFICIENT_SETS
+from .direction_optimizer import ConfigFields
 
 Mode = Literal["sso", "muon_sphere", "muon"]
 LambdaSolver = Literal["secant", "bisect"]
@@ -22,7 +22,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 
 
 @dataclass(frozen=True)
-class SphereConfig:
+class SphereConfig(ConfigFields):
     """Hyper-parameters of one sphere-family optimizer (the learning rate lives in the param group)."""
 
     mode: Mode = "sso"
@@ -154,11 +154,3 @@ class SphereConfig:
         """Whether the mode retracts onto the sphere (SSO and MuonSphere)."""
         return self.mode != "muon"
 
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "SphereConfig":
-        """Build from a mapping that may hold other keys (e.g. a param group)."""
-        return cls(**{k: values[k] for k in cls.field_names() if k in values})
