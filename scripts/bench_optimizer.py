@@ -62,12 +62,12 @@ def make_params(shapes, device, seed) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter((torch.randn(*s, generator=g) / s[1] ** 0.5).to(device)) for s in shapes]
 
 
-def build(name: str, params):
+def build(name: str, params, msign_method: str):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=5e-3, betas=(0.9, 0.95), weight_decay=0.1)
     mode, solver = {"muon": ("muon", "secant"), "muon_sphere": ("muon_sphere", "secant"),
                     "sso": ("sso", "secant"), "sso_bisect": ("sso", "bisect")}[name]
-    return SpectralSphere(params, lr=5e-3, mode=mode, lambda_solver=solver)
+    return SpectralSphere(params, lr=5e-3, mode=mode, lambda_solver=solver, msign_method=msign_method)
 
 
 def ns_flops(m: int, n: int, steps: int = 8) -> float:
@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--optimizers", default="adamw,muon,muon_sphere,sso,sso_bisect")
+    ap.add_argument("--msign-method", choices=["standard", "gram"], default="standard",
+                    help="Newton-Schulz on the matrix, or on its Gram (SSO then shares one Gram per step)")
     args = ap.parse_args()
     device = torch.device(args.device)
     hidden, head_dim, ffn = 2048 // args.scale, 128 // args.scale, 6144 // args.scale
@@ -103,12 +105,13 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device: {machine}; torch {torch.__version__}")
     print(f"one Dense-1.7B layer / {args.scale}: hidden {hidden}, head_dim {head_dim}, ffn {ffn}; "
-          f"{len(shapes)} atomic modules, {sum(a * b for a, b in shapes) / 1e6:.1f}M weights")
+          f"{len(shapes)} atomic modules, {sum(a * b for a, b in shapes) / 1e6:.1f}M weights; "
+          f"msign method: {args.msign_method}")
 
     runs = {}
     for name in names:
         params = make_params(shapes, device, seed=0)
-        opt = build(name, params)
+        opt = build(name, params, args.msign_method)
         stream = GradientStream(params, seed=1)
         for _ in range(args.warmup):
             stream.fill()

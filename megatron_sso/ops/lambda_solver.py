@@ -64,8 +64,11 @@ def add_rank1(M: Tensor, u: Tensor, v: Tensor, lam: Tensor) -> Tensor:
 class TangentResidual:
     """Evaluates ``h(lambda)`` and ``msign(M + lambda Theta)`` for fixed ``M, u, v``.
 
-    ``calls`` counts msign evaluations (per matrix, summed over calls) so that solvers can
-    be compared by their real cost.
+    The solvers see an evaluation's direction only through this class's methods (select,
+    combine, project, materialise), so another representation of the same direction can
+    stand in (:class:`megatron_sso.ops.gram_residual.GramTangentResidual` keeps the small
+    left factor instead of the full matrix). Here the representation is the msign itself.
+    ``calls`` counts msign evaluations per matrix, so solvers are compared by real cost.
     """
 
     M: Tensor
@@ -79,7 +82,30 @@ class TangentResidual:
     def __call__(self, lam: Tensor) -> tuple[Tensor, Tensor]:
         phi = self.msign_fn(add_rank1(self.M, self.u, self.v, lam))
         self.calls += 1
-        return uv_inner(phi, self.u, self.v, self.allreduce).float(), phi
+        return self.inner(phi), phi
+
+    def inner(self, rep: Tensor) -> Tensor:
+        """``h = <Theta, direction>`` (fp32, shape ``(...)``)."""
+        return uv_inner(rep, self.u, self.v, self.allreduce).float()
+
+    @staticmethod
+    def select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(mask.view(mask.shape + (1, 1)), a, b)
+
+    @staticmethod
+    def combine(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        """``(1 - t) a + t b`` per matrix."""
+        return a + t.view(t.shape + (1, 1)).to(a.dtype) * (b - a)
+
+    def project(self, rep: Tensor, h: Tensor) -> Tensor:
+        """``direction - h Theta`` (``Theta`` has unit Frobenius norm)."""
+        return add_rank1(rep, self.u, self.v, -h)
+
+    def materialise(self, rep: Tensor) -> Tensor:
+        return rep
+
+    def cold_slope(self, rep: Tensor) -> Tensor:
+        return cold_slope(self, rep)
 
 
 @dataclass
@@ -158,7 +184,7 @@ def solve_lambda_bisect(
     best = (zero, h0, phi0)
     calls_before = residual.calls - 1
     if abs(h0.item()) <= tol:
-        return LambdaSolution(zero, h0, phi0, torch.tensor(float("nan"), device=dev), 1)
+        return LambdaSolution(zero, h0, residual.materialise(phi0), torch.tensor(float("nan"), device=dev), 1)
     direction = -1.0 if h0.item() > 0 else 1.0  # h is non-decreasing: walk against its sign
     lo = zero
     hi = None
@@ -169,14 +195,16 @@ def solve_lambda_bisect(
         if abs(h.item()) < abs(best[1].item()):
             best = (lam, h, phi)
         if abs(h.item()) <= tol:
-            return LambdaSolution(lam, h, phi, torch.tensor(float("nan"), device=dev), residual.calls - calls_before)
+            return LambdaSolution(lam, h, residual.materialise(phi), torch.tensor(float("nan"), device=dev),
+                                  residual.calls - calls_before)
         if (h.item() > 0) != (h0.item() > 0):
             hi = lam
             break
         lo = lam
         t *= 2.0
     if hi is None:  # no sign change: fall back to a MuonSphere step, as the reference does
-        return LambdaSolution(zero, h0, phi0, torch.tensor(float("nan"), device=dev), residual.calls - calls_before)
+        return LambdaSolution(zero, h0, residual.materialise(phi0), torch.tensor(float("nan"), device=dev),
+                              residual.calls - calls_before)
     a, b = lo, hi
     for _ in range(max_iter):
         mid = 0.5 * (a + b)
@@ -190,7 +218,8 @@ def solve_lambda_bisect(
         else:
             b = mid
     lam, h, phi = best
-    return LambdaSolution(lam, h, phi, torch.tensor(float("nan"), device=dev), residual.calls - calls_before)
+    return LambdaSolution(lam, h, residual.materialise(phi), torch.tensor(float("nan"), device=dev),
+                          residual.calls - calls_before)
 
 
 def solve_lambda_secant(
@@ -232,10 +261,8 @@ def solve_lambda_secant(
         bound = lambda_bound(residual.M.size(-2), residual.M.size(-1))
     lam = lam0.float().clamp(-bound, bound)
     h, phi = residual(lam)
-    slope = cold_slope(residual, phi) if slope0 is None else slope0.float()
-
-    def where3(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return torch.where(mask.view(mask.shape + (1, 1)), a, b)
+    slope = residual.cold_slope(phi) if slope0 is None else slope0.float()
+    where3 = residual.select
 
     best = (lam, h, phi)
     # Tightest bracket seen so far; the +-bound ends carry h = -+1 and no msign yet.
@@ -266,7 +293,7 @@ def solve_lambda_secant(
         has_lo, has_hi = has_lo | new_lo, has_hi | new_hi
 
     if not interpolate or prev is None:
-        return LambdaSolution(best[0], best[1], best[2], slope, int(evals))
+        return LambdaSolution(best[0], best[1], residual.materialise(best[2]), slope, int(evals))
     bracketed = has_lo & has_hi
     la = torch.where(bracketed, lo, prev[0])
     ha = torch.where(bracketed, h_lo, prev[1])
@@ -279,14 +306,13 @@ def solve_lambda_secant(
     lo_t, hi_t = EXTRAPOLATION_RANGE
     fallback = ~bracketed & ((t < lo_t) | (t > hi_t) | (dh == 0))
     t = torch.where(bracketed, t.clamp(0.0, 1.0), t.clamp(lo_t, hi_t))
-    phi_c = pa + t.view(t.shape + (1, 1)).to(pa.dtype) * (pb - pa)
+    phi_c = residual.combine(pa, pb, t)
     lam_c = la + t * (lb - la)
-    h_c = uv_inner(phi_c, residual.u, residual.v, residual.allreduce).float()
+    h_c = residual.inner(phi_c)
     # Fallback when the root lies far outside the two points (a sudden jump of lambda*,
     # ~1% of steps on recorded GPT runs): project the direction onto the tangent space,
     # Phi <- Phi - h Theta (Theta has unit Frobenius norm), a first-order answer that the
     # stats count, instead of a third msign.
-    phi_c = torch.where(fallback.view(fallback.shape + (1, 1)),
-                        add_rank1(phi_c, residual.u, residual.v, -h_c), phi_c)
-    h_c = torch.where(fallback, uv_inner(phi_c, residual.u, residual.v, residual.allreduce).float(), h_c)
-    return LambdaSolution(lam_c, h_c, phi_c, slope, int(evals), fallback)
+    phi_c = where3(fallback, residual.project(phi_c, h_c), phi_c)
+    h_c = torch.where(fallback, residual.inner(phi_c), h_c)
+    return LambdaSolution(lam_c, h_c, residual.materialise(phi_c), slope, int(evals), fallback)

@@ -106,6 +106,34 @@ def _fused_add_matmul(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float
     return beta * C + alpha * (A @ B)
 
 
+def gram_newton_schulz(G: Tensor, table: Sequence[tuple[float, float, float]]) -> Tensor:
+    """The left factor ``Q`` with ``msign(X) = Q X`` from the normalised Gram ``G = X X^T``.
+
+    Every Newton-Schulz iterate is ``X_k = Q_k X`` with ``Q_k`` a polynomial of ``G``, so the
+    iteration can run on the small side alone: ``P_k = a I + b A_k + c A_k^2``,
+    ``Q_{k+1} = P_k Q_k``, ``A_{k+1} = P_k A_k P_k`` (``A_k = X_k X_k^T``; all commute). Cost
+    per step ~8 r^3 for an ``r x r`` Gram instead of ``4 r^2 c + 2 r^3`` on the ``r x c`` matrix,
+    plus one ``Q X`` at the end: a win for wide matrices (``c > ~2 r``), and under tensor
+    parallelism one all-reduce of ``G`` replaces one per step. The price is precision: ``A_k``
+    holds squared singular values, so in fp32 the smallest ones lose digits (measured against
+    the SVD: 2e-6 relative for flat spectra, 4e-4 for 1/k spectra; standard NS: 2e-6).
+    ``A`` is re-symmetrised every step so round-off cannot drive it non-symmetric.
+    """
+    eye = torch.eye(G.size(-1), dtype=G.dtype, device=G.device)
+    Q = None
+    A = G
+    for i, (a, b, c) in enumerate(table):
+        P = a * eye + b * A + c * (A @ A)
+        Q = P if Q is None else P @ Q
+        if i + 1 < len(table):
+            A = P @ (P @ A)
+            A = 0.5 * (A + A.mT)
+    return Q
+
+
+MsignMethod = Literal["standard", "gram"]
+
+
 def msign(
     X: Tensor,
     steps: Optional[int] = None,
@@ -114,6 +142,7 @@ def msign(
     compute_dtype: torch.dtype = torch.float32,
     allreduce: Optional[AllReduce] = None,
     partition_dim: Optional[int] = None,
+    method: MsignMethod = "standard",
 ) -> Tensor:
     """Approximate ``U V^T`` of ``X`` (shape ``(..., m, n)``) by Newton-Schulz.
 
@@ -126,6 +155,9 @@ def msign(
         allreduce: sums partial results over tensor-parallel shards (see module docstring).
         partition_dim: 0 or 1, the dimension of the full matrix that is split; required
             together with ``allreduce``.
+        method: ``standard`` iterates on ``X``; ``gram`` iterates on its small Gram matrix
+            (:func:`gram_newton_schulz`: faster for wide matrices, less precise). A shard whose
+            summable Gram is the *large* side (rank-deficient) runs ``standard`` instead.
 
     Returns:
         A tensor of ``X``'s shape and dtype.
@@ -156,6 +188,14 @@ def msign(
     if allreduce is not None:
         sq = allreduce(sq)
     Y = Y / (sq.sqrt() + NORM_EPS).to(compute_dtype)
+    if method == "gram" and Y.size(-2) <= Y.size(-1):
+        G = Y @ Y.mT
+        if allreduce is not None:
+            G = allreduce(G)
+        Y = gram_newton_schulz(G, table) @ Y
+        return (Y.mT if transpose else Y).to(out_dtype)
+    if method not in ("standard", "gram"):
+        raise ValueError(f"unknown msign method {method!r}; choose 'standard' or 'gram'")
     for a, b, c in table:
         A = Y @ Y.mT
         if allreduce is not None:

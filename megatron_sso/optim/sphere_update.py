@@ -38,7 +38,8 @@ from ..ops.lambda_solver import (
     solve_lambda_bisect,
     solve_lambda_secant,
 )
-from ..ops.newton_schulz import NORM_EPS, AllReduce, msign
+from ..ops.gram_residual import GramTangentResidual, gram_side_is_small
+from ..ops.newton_schulz import NORM_EPS, AllReduce, msign, resolve_coefficients
 from ..ops.power_iteration import block_power_iteration
 from ..ops.retraction import retraction_factor
 from .config import SphereConfig
@@ -94,22 +95,33 @@ def _frobenius(M: Tensor, hooks: Optional[ShardHooks]) -> Tensor:
     return sq.sqrt()
 
 
-def _finite_mask(G: Tensor, hooks: Optional[ShardHooks]) -> Tensor:
+def _finite_mask(G: Tensor, hooks: Optional[ShardHooks], skip: Optional[Tensor] = None) -> Tensor:
     bad = (~torch.isfinite(G)).flatten(-2).any(dim=-1).float()
+    if skip is not None:  # e.g. a non-finite gradient seen on another data-parallel rank
+        bad = bad + skip.to(device=bad.device, dtype=bad.dtype)
     if hooks is not None:
         bad = hooks.allreduce(bad)  # one shard's NaN must stop every shard of that matrix
     return bad == 0
 
 
-def _solve(cfg: SphereConfig, residual: TangentResidual, bufs: SphereBuffers,
+def _residual(cfg: SphereConfig, M: Tensor, u: Tensor, v: Tensor, msign_fn,
+              hooks: Optional[ShardHooks]):
+    """The evaluation ``lambda -> (h, direction)`` for the configured msign method."""
+    allreduce = hooks.allreduce if hooks is not None else None
+    pdim = hooks.partition_dim if hooks is not None else None
+    if cfg.msign_method == "gram" and gram_side_is_small(M, pdim):
+        table = resolve_coefficients(cfg.msign_coefficients, cfg.msign_steps)
+        return GramTangentResidual(M, u, v, table, allreduce, pdim)
+    return TangentResidual(M, u, v, msign_fn, allreduce, pdim)
+
+
+def _solve(cfg: SphereConfig, make_residual, M: Tensor, u: Tensor, v: Tensor, bufs: SphereBuffers,
            full_shape: tuple[int, int], warm: bool) -> LambdaSolution:
     m, n = full_shape
     if cfg.lambda_solver == "bisect":
         sols = []
-        for i in range(residual.M.size(0)):
-            one = TangentResidual(residual.M[i], residual.u[i], residual.v[i],
-                                  residual.msign_fn, residual.allreduce, residual.partition_dim)
-            sols.append(solve_lambda_bisect(one, cfg.lambda_tol, cfg.lambda_max_iter))
+        for i in range(M.size(0)):
+            sols.append(solve_lambda_bisect(make_residual(M[i], u[i], v[i]), cfg.lambda_tol, cfg.lambda_max_iter))
         return LambdaSolution(
             lam=torch.stack([s.lam for s in sols]).float(),
             h=torch.stack([s.h for s in sols]),
@@ -125,8 +137,8 @@ def _solve(cfg: SphereConfig, residual: TangentResidual, bufs: SphereBuffers,
         lam0 = torch.zeros_like(bufs.lam)
         slope0 = None
         evals = cfg.lambda_cold_evals
-    sol = solve_lambda_secant(residual, lam0, slope0, evals, bound=lambda_bound(m, n))
-    sol.calls = evals * residual.M.size(0)
+    sol = solve_lambda_secant(make_residual(M, u, v), lam0, slope0, evals, bound=lambda_bound(m, n))
+    sol.calls = evals * M.size(0)
     return sol
 
 
@@ -142,6 +154,7 @@ def sphere_update_(
     *,
     full_shape: Optional[tuple[int, int]] = None,
     hooks: Optional[ShardHooks] = None,
+    skip: Optional[Tensor] = None,
 ) -> BatchStats:
     """One step for the batch ``W`` (``(B, m, n)``, fp32, updated in place) with gradient ``G``.
 
@@ -153,6 +166,9 @@ def sphere_update_(
         radius, scale: ``R`` and ``s`` of the full matrix shape.
         full_shape: ``(m, n)`` of the full matrix (defaults to ``W``'s).
         hooks: tensor-parallel reduction hooks, ``None`` on one process.
+        skip: optional ``(B,)`` bool, matrices to leave untouched as if their gradient were
+            non-finite (a distributed caller passes what other ranks saw). It is OR-ed with the
+            local check *before* the shards' reduction, so all shards agree.
     """
     if W.dim() != 3 or W.shape != G.shape:
         raise ValueError(f"W and G must be equal (B, m, n) tensors, got {tuple(W.shape)} and {tuple(G.shape)}")
@@ -161,7 +177,9 @@ def sphere_update_(
     pdim = hooks.partition_dim if hooks is not None else None
     B = W.size(0)
 
-    finite = _finite_mask(G, hooks)
+    if skip is not None and skip.shape != (B,):
+        raise ValueError(f"skip must have shape ({B},), got {tuple(skip.shape)}")
+    finite = _finite_mask(G, hooks, skip)
     f3 = finite.view(B, 1, 1)
     G = torch.where(f3, G.float(), torch.zeros((), dtype=torch.float32, device=G.device))
     beta = cfg.momentum
@@ -171,7 +189,8 @@ def sphere_update_(
     M = M / (_frobenius(M, hooks) + NORM_EPS).view(B, 1, 1)
 
     msign_fn = partial(msign, steps=cfg.msign_steps, coefficients=cfg.msign_coefficients,
-                       compute_dtype=cfg.msign_torch_dtype, allreduce=allreduce, partition_dim=pdim)
+                       compute_dtype=cfg.msign_torch_dtype, allreduce=allreduce, partition_dim=pdim,
+                       method=cfg.msign_method)
     zero = torch.zeros(B, device=W.device)
     sigma = None
     max_abs_h = zero
@@ -197,8 +216,8 @@ def sphere_update_(
             bufs.lam.copy_(torch.where(finite, -M.view(B), bufs.lam))
             calls = 0
         elif cfg.mode == "sso":
-            residual = TangentResidual(M, u.float(), v.float(), msign_fn, allreduce, pdim)
-            sol = _solve(cfg, residual, bufs, full_shape, bufs.lambda_warm)
+            make_residual = partial(_residual, cfg, msign_fn=msign_fn, hooks=hooks)
+            sol = _solve(cfg, make_residual, M, u.float(), v.float(), bufs, full_shape, bufs.lambda_warm)
             bufs.lambda_warm = cfg.lambda_solver == "secant"
             phi = sol.phi
             bufs.lam.copy_(torch.where(finite, sol.lam, bufs.lam))
