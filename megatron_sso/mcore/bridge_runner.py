@@ -123,6 +123,10 @@ def build_tiny_config(spec: TinyGPTSpec):
     else:
         model = GPTModelProvider(**common)
     dist_opt = spec.use_distributed_optimizer
+    from .config import SPHERE_OPTIMIZERS
+
+    if spec.optimizer in SPHERE_OPTIMIZERS:  # the subclass with the sso_* fields (overridable)
+        from .config import SSOOptimizerConfig as OptimizerConfig  # noqa: N814
     cfg = ConfigContainer(
         model=model,
         train=TrainingConfig(
@@ -170,6 +174,7 @@ class RankResult:
     losses: dict[int, dict[str, float]] = field(default_factory=dict)
     grad_norms: dict[int, float] = field(default_factory=dict)
     skipped_iterations: list[int] = field(default_factory=list)
+    probes: dict[int, dict] = field(default_factory=dict)
     cpu_mode: bool = False
     cpu_mode_patches: list[str] = field(default_factory=list)
     cpu_mode_pending: list[str] = field(default_factory=list)
@@ -210,8 +215,15 @@ def _call_hook(hook: str | None) -> None:
         getattr(importlib.import_module(module), func or "install")()
 
 
+def _resolve(hook: str | None):
+    if not hook:
+        return None
+    module, _, func = hook.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
 def _rank_main(local_rank: int, world_size: int, port: int, spec: TinyGPTSpec,
-               out_dir: str, setup_hook: str | None) -> None:
+               out_dir: str, setup_hook: str | None, probe: str | None = None) -> None:
     """Body of one spawned rank (module level so that spawn can pickle it)."""
     start = time.perf_counter()
     os.environ.update(
@@ -233,6 +245,7 @@ def _rank_main(local_rank: int, world_size: int, port: int, spec: TinyGPTSpec,
     from megatron.bridge.training.pretrain import pretrain
 
     result = RankResult(rank=local_rank, cpu_mode=cpu)
+    probe_fn = _resolve(probe)
 
     class _Recorder(Callback):
         def on_train_step_end(self, context) -> None:
@@ -243,6 +256,8 @@ def _rank_main(local_rank: int, world_size: int, port: int, spec: TinyGPTSpec,
                 result.grad_norms[step] = float(context.grad_norm)
             if context.skipped_iter:
                 result.skipped_iterations.append(step)
+            if probe_fn is not None:
+                result.probes[step] = probe_fn(context)
 
     pretrain(cfg, forward_step, callbacks=[_Recorder()])
     report = cpu_mode_report()
@@ -257,12 +272,14 @@ _PRELOAD = "megatron_sso.mcore._bridge_preload"
 
 
 def run_pretrain(spec: TinyGPTSpec = TinyGPTSpec(), world_size: int = 1, *,
-                 setup_hook: str | None = None, timeout_s: float = 300.0,
+                 setup_hook: str | None = None, probe: str | None = None, timeout_s: float = 300.0,
                  port: int | None = None, start_method: str = "forkserver") -> PretrainRun:
     """Run Bridge's ``pretrain()`` for ``spec`` in ``world_size`` local gloo ranks.
 
     ``setup_hook`` (``"module:function"``, function defaulting to ``install``) runs in
-    every rank after CPU mode is enabled and before the config is built. Raises
+    every rank after CPU mode is enabled and before the config is built. ``probe``
+    (``"module:function"``) is called in every rank after every iteration with Bridge's
+    callback context; what it returns (JSON-able) lands in ``RankResult.probes``. Raises
     RuntimeError if a rank fails or the run exceeds ``timeout_s``.
 
     ``start_method="forkserver"`` (default) forks every rank from one server process per
@@ -282,7 +299,7 @@ def run_pretrain(spec: TinyGPTSpec = TinyGPTSpec(), world_size: int = 1, *,
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="megatron_sso_run_") as out_dir:
         ctx = mp.start_processes(
-            _rank_main, args=(world_size, port or free_port(), spec, out_dir, setup_hook),
+            _rank_main, args=(world_size, port or free_port(), spec, out_dir, setup_hook, probe),
             nprocs=world_size, join=False, start_method=start_method,
         )
         deadline = start + timeout_s
@@ -301,6 +318,7 @@ def run_pretrain(spec: TinyGPTSpec = TinyGPTSpec(), world_size: int = 1, *,
             data = json.loads(Path(out_dir, f"rank{rank}.json").read_text())
             data["losses"] = {int(k): v for k, v in data["losses"].items()}
             data["grad_norms"] = {int(k): v for k, v in data["grad_norms"].items()}
+            data["probes"] = {int(k): v for k, v in data["probes"].items()}
             ranks.append(RankResult(**data))
     return PretrainRun(world_size=world_size, ranks=ranks, wall_s=time.perf_counter() - start)
 

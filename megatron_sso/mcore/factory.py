@@ -1,0 +1,212 @@
+"""``optimizer: sso | muon_sphere | muon`` through Megatron's optimizer factory.
+
+megatron-core 0.16/0.17 has no optimizer registry and its callers bind the factory name at
+import time (``from megatron.core.optimizer import get_megatron_optimizer``), so
+:func:`install` replaces the name at the call sites: Megatron-Bridge's
+``megatron.bridge.training.optim`` (which sends every name containing "muon" to
+``get_megatron_muon_optimizer`` instead, so that name is wrapped too) and Megatron-LM's
+``megatron.training.training``. Our names go to :func:`get_sphere_megatron_optimizer`, all
+others fall through unchanged. On megatron-core >= 0.18 the private registry in
+``megatron/core/optimizer/emerging_optimizers.py`` is used when present (see :mod:`.registry`).
+
+Routing (paper §6.1, SPEC §3): every 2-D hidden weight goes to the sphere optimizer, split into
+atomic modules (:mod:`.layouts`); word and position embeddings and the output layer (by name
+and by Megatron's ``is_embedding_or_output_parameter``), every 1-D parameter and, unless
+``sso_router_on_sphere``, the MoE router go to Megatron's own Adam(W) built by the stock
+factory from the same config (its betas, eps, weight decay, scheduler). The sphere optimizer
+is wrapped like Megatron wraps Adam (``FP32Optimizer``, or ``Float16OptimizerWithFloat16Params``
+with fp32 main params and the grad scaler under bf16) and everything is chained in one
+``ChainedOptimizer`` on the *same* config object, so Megatron's global grad-norm clipping and
+NaN/Inf skip span all members, ranks and pipeline stages.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Any, Optional
+
+from .config import SPHERE_OPTIMIZERS, megatron_setting, sphere_config_from
+from .layouts import param_layout
+from .sphere_optimizer import LAYOUT_ATTR, MegatronSphere, check_cache_fits, init_sphere_state
+
+logger = logging.getLogger(__name__)
+
+CALL_SITES = ("megatron.bridge.training.optim", "megatron.training.training")
+"""Modules that import the factory name directly (and so must have it replaced)."""
+
+_EMBEDDING_NAMES = ("word_embeddings.weight", "position_embeddings.weight", "output_layer.weight")
+
+
+def route(name: str, param: Any, router_on_sphere: bool) -> str:
+    """``"sphere"`` or ``"adam"`` for one trainable parameter (the routing table)."""
+    if param.dim() != 2:
+        return "adam"
+    if name.endswith(_EMBEDDING_NAMES) or getattr(param, "is_embedding_or_output_parameter", False):
+        return "adam"
+    if ".router." in f".{name}" and not router_on_sphere:
+        return "adam"
+    return "sphere"
+
+
+def _core_version() -> tuple[int, int]:
+    from megatron.core import package_info
+
+    major, minor = package_info.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _tp_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if group is not None else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _pristine_factory():
+    import megatron.core.optimizer as mco
+
+    return mco.get_megatron_optimizer
+
+
+def get_sphere_megatron_optimizer(config: Any, model_chunks: list, config_overrides: Optional[dict] = None,
+                                  use_gloo_process_groups: bool = True, pg_collection: Any = None,
+                                  **_ignored: Any):
+    """Build ``ChainedOptimizer([sphere (dense), sphere (expert-parallel, if any), Megatron
+    Adam members...])`` for ``config.optimizer`` in :data:`SPHERE_OPTIMIZERS`.
+
+    Raises ValueError for the distributed optimizer (it cuts matrices into flat slices; whole
+    atomic modules need atomic-module sharding, which ``megatron_sso.distributed`` brings), for
+    fp16 and CPU offload (not supported), or for a bad ``sso_*`` value.
+    """
+    mode = config.optimizer
+    cfg = sphere_config_from(config)
+    if config.use_distributed_optimizer:
+        raise ValueError(
+            f"optimizer={mode!r} with use_distributed_optimizer=True: Megatron's distributed optimizer "
+            "cuts matrices into flat slices, but every atomic module must be updated whole. Set "
+            "use_distributed_optimizer=False (atomic-module sharding comes with megatron_sso.distributed)."
+        )
+    if config.fp16:
+        raise ValueError(f"optimizer={mode!r} with fp16=True is not supported; use bf16 or fp32")
+    if getattr(config, "optimizer_cpu_offload", False):
+        raise ValueError(f"optimizer={mode!r} with optimizer_cpu_offload=True is not supported")
+    from megatron.core.optimizer import (ChainedOptimizer, Float16OptimizerWithFloat16Params,
+                                         FP32Optimizer, _get_param_groups)
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    split_qkv = megatron_setting(config, "sso_split_qkv")
+    split_glu = megatron_setting(config, "sso_split_glu")
+    router = megatron_setting(config, "sso_router_on_sphere")
+    megatron_setting(config, "sso_tp_mode")
+    given_pgs = pg_collection  # Megatron refuses gloo groups with a given collection: pass on as given
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    tp_groups = {"dense": pg_collection.tp, "expert": getattr(pg_collection, "expt_tp", None)}
+
+    sphere, other = [], []
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            if not p.requires_grad:
+                continue
+            if route(name, p, router) == "adam":
+                other.append(p)
+                continue
+            expert = "experts" in name and "shared_experts" not in name
+            layout = param_layout(name, p, chunk.config, _tp_size(tp_groups["expert" if expert else "dense"]),
+                                  split_qkv=split_qkv, split_glu=split_glu)
+            check_cache_fits(cfg, layout)
+            setattr(p, LAYOUT_ATTR, layout)
+            sphere.append(p)
+    if megatron_setting(config, "sso_mup_init") and cfg.on_sphere:
+        from .mup_init import spectral_mup_init_modules_
+
+        spectral_mup_init_modules_(sphere, cfg, tp_groups)
+
+    for p in other:  # 1) sphere groups: Megatron's own grouping (lr_mult, max/min lr...) of the matrices
+        p.requires_grad_(False)
+    try:
+        groups = _get_param_groups(model_chunks, config, config_overrides)
+    finally:
+        for p in other:
+            p.requires_grad_(True)
+
+    def wrap(param_groups, stats_group):
+        inner = MegatronSphere(param_groups, cfg, tp_groups)
+        if config.bf16:
+            scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
+            opt = Float16OptimizerWithFloat16Params(inner, config, scaler, init_sphere_state)
+            for group in opt.float16_groups:  # fp32 main params carry the layout too
+                for model_param in group:
+                    setattr(model_param.main_param, LAYOUT_ATTR, getattr(model_param, LAYOUT_ATTR))
+        else:
+            opt = FP32Optimizer(inner, config, init_sphere_state)
+        opt.grad_stats_parallel_group = stats_group
+        opt.tp_group = pg_collection.tp
+        return opt
+
+    members = [wrap([g for g in groups if not g["is_expert_parallel"]], pg_collection.mp)]
+    expert_groups = [g for g in groups if g["is_expert_parallel"]]
+    if expert_groups:
+        members.append(wrap(expert_groups, pg_collection.tp_ep_pp))
+
+    for p in sphere:  # 2) everything else: Megatron's own Adam, same config object
+        p.requires_grad_(False)
+    config.optimizer = "adam"
+    try:
+        adam = _pristine_factory()(config, model_chunks, config_overrides=config_overrides,
+                                   use_gloo_process_groups=use_gloo_process_groups,
+                                   pg_collection=given_pgs)
+    finally:
+        config.optimizer = mode
+        for p in sphere:
+            p.requires_grad_(True)
+    modules = sum(len(getattr(p, LAYOUT_ATTR).modules) for p in sphere)
+    logger.info("megatron_sso: %s on %d parameters (%d atomic modules), Adam on %d parameters",
+                mode, len(sphere), modules, len(other))
+    return ChainedOptimizer(members + list(adam.chained_optimizers))
+
+
+def _wrap(original, names: tuple[str, ...]):
+    if getattr(original, "_megatron_sso_wrapped", False):
+        return original
+
+    @functools.wraps(original)
+    def factory(config, model_chunks, *args, **kwargs):
+        if getattr(config, "optimizer", None) in names:
+            kwargs.pop("layer_wise_distributed_optimizer", None)  # Bridge's muon call site
+            return get_sphere_megatron_optimizer(config, model_chunks, *args, **kwargs)
+        return original(config, model_chunks, *args, **kwargs)
+
+    factory._megatron_sso_wrapped = True
+    factory._megatron_sso_original = original
+    return factory
+
+
+def install(names: tuple[str, ...] = SPHERE_OPTIMIZERS) -> list[str]:
+    """Make Megatron's factory build our optimizers for ``names``; returns what was patched.
+
+    Idempotent. Call it in every rank before training starts (for Bridge: before
+    ``pretrain``). ``names`` may drop ``"muon"`` to keep Megatron's own Muon.
+    """
+    unknown = set(names) - set(SPHERE_OPTIMIZERS)
+    if unknown:
+        raise ValueError(f"cannot register optimizer name(s) {sorted(unknown)}; ours are {SPHERE_OPTIMIZERS}")
+    if _core_version() >= (0, 18):
+        from .registry import register_emerging
+
+        if register_emerging(tuple(names)):
+            return ["megatron.core.optimizer.emerging_optimizers"]
+    patched = []
+    for modname in CALL_SITES:
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        for attr in ("get_megatron_optimizer", "get_megatron_muon_optimizer"):
+            if hasattr(mod, attr):
+                setattr(mod, attr, _wrap(getattr(mod, attr), tuple(names)))
+                patched.append(f"{modname}.{attr}")
+    return patched

@@ -1,0 +1,101 @@
+"""What the sphere optimizers measured, for Megatron's logger and TensorBoard writer.
+
+Cheap by design: the step keeps its statistics as device tensors and they are read here, once per
+log interval. Keys (``sso/`` prefix): ``msign_calls_per_matrix``, ``max_abs_h`` (solver
+residual), ``max_abs_lambda``, ``lambda_fallbacks``, ``skipped_nonfinite``, ``tp_gather_bytes``
+and, per module kind (``qkv_q``, ``qkv_k``, ``qkv_v``, ``linear_proj``, ``gate``, ``up``,
+``linear_fc2``, ``expert_*``): ``<kind>/norm_error`` (max ``|sigma/R - 1|`` of the weights the
+step started from, i.e. those the forward pass used) and ``<kind>/update_rms``.
+
+Bridge: pass ``sphere_logging_callback()`` in ``pretrain(..., callbacks=[...])``. Megatron-LM:
+call :func:`log_sphere_stats` with ``get_tensorboard_writer()`` after ``train_step``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from .sphere_optimizer import LAYOUT_ATTR, MegatronSphere
+
+logger = logging.getLogger(__name__)
+
+
+def sphere_optimizers(optimizer: Any) -> list[MegatronSphere]:
+    """The :class:`MegatronSphere` instances inside a (chained, wrapped) Megatron optimizer."""
+    members = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [m.optimizer for m in members if isinstance(getattr(m, "optimizer", None), MegatronSphere)]
+
+
+def sphere_stats(optimizer: Any) -> dict[str, float]:
+    """Flat ``{"sso/...": value}`` over every sphere member (empty without one)."""
+    out: dict[str, float] = {}
+    for opt in sphere_optimizers(optimizer):
+        for key, value in opt.last_step_stats.items():
+            name = f"sso/{key}"
+            combine = max if key.startswith("max_") else (lambda a, b: a + b)
+            out[name] = combine(out[name], value) if name in out else value
+        for kind, vals in opt.kind_stats().items():
+            out[f"sso/{kind}/norm_error"] = max(out.get(f"sso/{kind}/norm_error", 0.0), vals["max_norm_error"])
+            out[f"sso/{kind}/update_rms"] = vals["update_rms"]
+    if "sso/msign_calls" in out and out.get("sso/num_matrices"):
+        out["sso/msign_calls_per_matrix"] = out["sso/msign_calls"] / out["sso/num_matrices"]
+    return out
+
+
+def log_sphere_stats(optimizer: Any, iteration: int, writer: Optional[Any] = None) -> dict[str, float]:
+    """Write :func:`sphere_stats` to ``writer`` (a TensorBoard ``SummaryWriter``) and the log."""
+    stats = sphere_stats(optimizer)
+    if writer is not None:
+        for key, value in stats.items():
+            writer.add_scalar(key, value, iteration)
+    if stats:
+        logger.info("iteration %d sphere: %s", iteration,
+                    " ".join(f"{k[4:]}={v:.4g}" for k, v in sorted(stats.items())))
+    return stats
+
+
+@torch.no_grad()
+def exact_norm_errors(optimizer: Any) -> dict[str, float]:
+    """Per kind, max ``| ||W||_2 / R - 1 |`` over the stored modules, by exact SVD (tests and
+    debugging: expensive). TP-sharded modules are gathered first."""
+    from ..ops.retraction import target_radius
+
+    out: dict[str, float] = {}
+    for opt in sphere_optimizers(optimizer):
+        cfg = opt.cfg
+        for group in opt.param_groups:
+            for p in group["params"]:
+                layout = getattr(p, LAYOUT_ATTR)
+                for mod in layout.modules:
+                    full = opt._gather(mod.view(p.data).float().unsqueeze(0), mod, layout)[0]
+                    sigma = torch.linalg.matrix_norm(full.double(), ord=2).item()
+                    err = abs(sigma / target_radius(*mod.full_shape, cfg.radius_mode, cfg.radius_scaler) - 1)
+                    out[mod.kind] = max(out.get(mod.kind, 0.0), err)
+    return out
+
+
+def sphere_logging_callback():
+    """A Megatron-Bridge ``Callback`` that logs :func:`sphere_stats` every ``logger.log_interval``
+    iterations to the TensorBoard writer (when configured) and the Python log."""
+    from megatron.bridge.training.callbacks import Callback
+
+    class SphereLogging(Callback):
+        def on_train_step_end(self, context) -> None:
+            iteration = int(context.state.train_state.step) + 1  # incremented after the callbacks
+            interval = max(1, int(context.state.cfg.logger.log_interval or 1))
+            if iteration % interval == 0 and context.optimizer is not None:
+                context.user_state["sso_stats"] = log_sphere_stats(
+                    context.optimizer, iteration, context.state.tensorboard_logger)
+
+    return SphereLogging()
+
+
+def probe(context) -> dict:
+    """A :func:`~.bridge_runner.run_pretrain` probe: the step's stats and the exact norm errors
+    of the stored modules (every rank calls it, so the TP gathers line up)."""
+    opts = sphere_optimizers(context.optimizer)
+    return {"stats": sphere_stats(context.optimizer), "norm_errors": exact_norm_errors(context.optimizer),
+            "lambda_tol": opts[0].cfg.lambda_tol if opts else None}
