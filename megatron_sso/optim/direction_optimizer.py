@@ -31,6 +31,15 @@ class ConfigFields:
         return cls(**{k: values[k] for k in cls.field_names() if k in values})
 
 
+def run_closure(closure: Optional[Callable[[], Tensor]]) -> Optional[Tensor]:
+    """Evaluate an optimizer ``step`` closure with gradients enabled (``step`` itself runs
+    under ``torch.no_grad``), as every ``torch.optim`` optimizer does."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def check_learning_rate(lr: Any) -> None:
     """Raise ``ValueError`` naming ``lr`` unless it is a positive finite number."""
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
@@ -61,10 +70,7 @@ class DirectionOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             cfg = self.config_cls.from_mapping(group)
             lr = group["lr"]

@@ -47,7 +47,7 @@ import torch
 from ..ops.power_iteration import power_iteration
 from ..ops.spectral_clip import AllReduce, hard_spectral_clip, soft_spectral_clip, spectra_update_scale
 from .ademamix import AdEMAMixConfig, ademamix_direction_, ademamix_init_state
-from .direction_optimizer import ConfigFields, check_learning_rate
+from .direction_optimizer import ConfigFields, check_learning_rate, run_closure
 from .signum import SignumConfig, signum_direction_, signum_init_state
 
 Tensor = torch.Tensor
@@ -354,10 +354,7 @@ class Spectra(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         stats = SpectraStats()
         for group in self.param_groups:
             cfg = SpectraConfig.from_mapping(group)

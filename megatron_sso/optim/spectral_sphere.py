@@ -17,6 +17,7 @@ import torch
 from ..ops.lambda_solver import initial_slope
 from ..ops.retraction import target_radius, update_scale
 from .config import SphereConfig
+from .direction_optimizer import run_closure
 from .sphere_update import BatchStats, SphereBuffers, sphere_update_
 from .step_stats import StepStats
 
@@ -95,10 +96,7 @@ class SpectralSphere(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         batches: list[BatchStats] = []
         for group in self.param_groups:
             cfg = SphereConfig.from_mapping(group)
