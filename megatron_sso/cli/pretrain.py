@@ -1,0 +1,196 @@
+"""``megatron-sso pretrain``: Megatron-Bridge's real ``pretrain()`` from a YAML recipe.
+
+Three ways to run, chosen from the environment so that one command works everywhere:
+
+* under torchrun / Slurm (``RANK`` and ``WORLD_SIZE`` set): this process is one rank; NCCL on
+  GPUs (CPU mode with gloo only when there is no CUDA);
+* ``--nproc N`` (no torchrun): N local ranks on this machine with gloo on CPU, started from a
+  forkserver that has Megatron-Bridge preloaded (the machinery of
+  :mod:`megatron_sso.mcore.bridge_runner`);
+* otherwise: one process.
+
+Everything that can be wrong with the input (missing file, unknown key or optimizer, a
+layout that does not divide the model, a data prefix without data, more ranks or GPUs than
+present) is checked *before* any process group exists, and reported as one line with exit
+code 2. ``--dry-run`` prints the resolved config, model size and layout and stops there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .recipe import OPTIMIZERS, RecipeError, build_config, read_recipe
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    p.add_argument("--optimizer", default=None,
+                   help=f"one of {', '.join(OPTIMIZERS)} (default: the recipe's optimizer.optimizer)")
+    p.add_argument("--data-path", default=None,
+                   help="prefix of a Megatron indexed dataset (PREFIX.bin/.idx from prepare-data)")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks (gloo on CPU) when not under torchrun")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before --nproc ranks are stopped")
+    p.add_argument("overrides", nargs="*", help="dotted Bridge keys, e.g. train.train_iters=50")
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _check_data(cfg) -> list[str]:
+    """Every prefix of the blend has a non-empty .bin and an .idx; returns the prefixes."""
+    ds = cfg.dataset
+    if getattr(ds, "mock", False):
+        return []
+    prefixes: list[str] = []
+    for blend in [ds.blend] + list(ds.blend_per_split or []):
+        if blend:
+            paths = blend[0]
+            prefixes += [p for p in paths if not _is_weight(p)]
+    if not prefixes:
+        raise RecipeError("no training data: pass --data-path PREFIX (from prepare-data), set dataset.blend, "
+                          "or dataset.mock=true for random tokens")
+    for prefix in prefixes:
+        bin_, idx = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+        if not bin_.is_file() or not idx.is_file():
+            raise RecipeError(f"data path {prefix!r} has no data: {bin_} / {idx} not found "
+                              "(make them with megatron-sso prepare-data)")
+        if bin_.stat().st_size == 0:
+            raise RecipeError(f"data path {prefix!r} has no data: {bin_} is empty")
+    return prefixes
+
+
+def _is_weight(x) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def layout(cfg, world_size: int | None) -> dict:
+    """The parallel layout and its checks. ``world_size`` None: the smallest that fits."""
+    m = cfg.model
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    cp, ep = m.context_parallel_size, m.expert_model_parallel_size
+    etp = m.expert_tensor_parallel_size or tp
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                        ("context_parallel_size", cp), ("expert_model_parallel_size", ep)):
+        if value < 1:
+            raise RecipeError(f"model.{name}={value} must be >= 1")
+    if heads % tp or groups % tp:
+        raise RecipeError(f"model.tensor_model_parallel_size={tp} does not divide num_attention_heads={heads} "
+                          f"and num_query_groups={groups}")
+    if m.num_layers % pp:
+        raise RecipeError(f"model.pipeline_model_parallel_size={pp} does not divide num_layers={m.num_layers}")
+    if m.num_moe_experts and m.num_moe_experts % ep:
+        raise RecipeError(f"model.expert_model_parallel_size={ep} does not divide num_moe_experts={m.num_moe_experts}")
+    if ep > 1 and not m.num_moe_experts:
+        raise RecipeError(f"model.expert_model_parallel_size={ep} needs an MoE model (model.num_moe_experts)")
+    minimum = tp * pp * cp
+    while (minimum // pp) % (ep * etp):
+        minimum += tp * pp * cp
+    world = world_size or minimum
+    if world < minimum or world % minimum:
+        raise RecipeError(f"the recipe needs a multiple of {minimum} ranks (TP {tp} x PP {pp} x CP {cp}, "
+                          f"EP {ep}), have {world}: use --nproc {minimum} (CPU) or torchrun with {minimum} GPUs")
+    dp = world // (tp * pp * cp)
+    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp):
+        raise RecipeError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+                          f"micro_batch_size {cfg.train.micro_batch_size} x data-parallel size {dp}")
+    return dict(world=world, minimum=minimum, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, dp=dp)
+
+
+def _check_gpus() -> None:
+    """Refuse more ranks on this node than GPUs present (the rank count itself is checked by
+    :func:`layout`)."""
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if local > torch.cuda.device_count():
+            raise RecipeError(f"{local} ranks on this node but only {torch.cuda.device_count()} GPU(s) present")
+
+
+def describe(cfg, lay: dict, path: str) -> str:
+    """The ``--dry-run`` report: model size, layout, optimizer, schedule, data."""
+    from ..mcore.config import MEGATRON_SETTINGS
+    from ..optim.config import SphereConfig
+    from .model_size import count_parameters
+
+    m, o, s, t = cfg.model, cfg.optimizer, cfg.scheduler, cfg.train
+    size = count_parameters(m, cfg.tokenizer.vocab_size)
+    moe = (f"MoE: {m.num_moe_experts} experts x {m.moe_ffn_hidden_size}, top-{m.moe_router_topk}, "
+           f"shared {m.moe_shared_expert_intermediate_size}, {size.moe_layers} MoE + {size.dense_layers} dense layers, "
+           f"router dtype {m.moe_router_dtype}, dispatcher {m.moe_token_dispatcher_type}"
+           if m.num_moe_experts else "dense")
+    lines = [
+        f"recipe: {path}",
+        f"model: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads {m.num_attention_heads}"
+        f" / kv groups {m.num_query_groups} / head dim {m.kv_channels}, seq {m.seq_length}, "
+        f"vocab {m.vocab_size or cfg.tokenizer.vocab_size} (padded {size.padded_vocab_size}), {m.normalization} "
+        f"{m.layernorm_epsilon}, qk_layernorm {m.qk_layernorm}, swiglu {m.gated_linear_unit}, rope base "
+        f"{m.rotary_base}, tied {m.share_embeddings_and_output_weights}, bf16 {m.bf16}",
+        f"ffn: {moe}",
+        f"total parameters: {size.total}",
+        f"active parameters: {size.active}",
+        f"embedding parameters: {size.embedding}",
+        f"non-embedding parameters: {size.non_embedding_total} total, {size.non_embedding_active} active",
+        f"parallel: world {lay['world']} (minimum {lay['minimum']}) = TP {lay['tp']} x PP {lay['pp']} x CP {lay['cp']}"
+        f" x DP {lay['dp']}; EP {lay['ep']}, expert TP {lay['etp']}; sequence_parallel {m.sequence_parallel}",
+        f"train: {t.train_iters} iterations x global batch {t.global_batch_size} (micro {t.micro_batch_size}) x seq "
+        f"{m.seq_length} = {t.train_iters * t.global_batch_size * m.seq_length} tokens",
+        f"optimizer: {o.optimizer} lr {o.lr:g} -> min_lr {o.min_lr:g}, warmup {s.lr_warmup_iters}, "
+        f"{s.lr_decay_style}; AdamW part: betas ({o.adam_beta1}, {o.adam_beta2}) eps {o.adam_eps:g} wd "
+        f"{o.weight_decay:g}; clip_grad {o.clip_grad}; distributed optimizer {o.use_distributed_optimizer}",
+    ]
+    if o.optimizer != "adam":
+        names = [f"sso_{n}" for n in SphereConfig.field_names() if n != "mode"] + list(MEGATRON_SETTINGS)
+        lines.append("sso: " + " ".join(f"{n[4:]}={getattr(o, n)}" for n in names))
+    ds = cfg.dataset
+    data = "mock (random tokens)" if ds.mock else f"blend {ds.blend} split {ds.split}"
+    lines.append(f"data: {data}; tokenizer {cfg.tokenizer.tokenizer_type} vocab {cfg.tokenizer.vocab_size}")
+    lines.append(f"checkpoint: save {cfg.checkpoint.save} every {cfg.checkpoint.save_interval}, load {cfg.checkpoint.load}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    read_recipe(args.config)  # missing / malformed file: fail before importing Megatron
+    if args.optimizer is not None and args.optimizer not in OPTIMIZERS:
+        raise RecipeError(f"unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if args.nproc is not None and (args.nproc < 1 or _under_torchrun()):
+        raise RecipeError(f"--nproc {args.nproc}: must be >= 1 and cannot be combined with torchrun")
+    world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else args.nproc
+    from ..mcore.cpu_mode import enable_cpu_mode
+
+    enable_cpu_mode()
+    cfg = build_config(args.config, args.optimizer, tuple(args.overrides), args.data_path)
+    lay = layout(cfg, world if world or args.dry_run else 1)  # dry run: the smallest layout
+    if args.dry_run:
+        print(describe(cfg, lay, args.config), flush=True)
+        return 0
+    _check_gpus()
+    _check_data(cfg)
+    job = dict(config=args.config, optimizer=args.optimizer, overrides=tuple(args.overrides),
+               data_path=args.data_path)
+    from . import launch
+
+    if _under_torchrun() or lay["world"] == 1:
+        return launch.run_rank(job)
+    return launch.run_local(job, lay["world"], timeout_s=args.timeout)
+
+
+def main_safe(args: argparse.Namespace) -> int:
+    """:func:`run` with input errors turned into one line on stderr and exit code 2."""
+    try:
+        return run(args)
+    except RecipeError as exc:
+        print(f"megatron-sso pretrain: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+

@@ -1,0 +1,312 @@
+"""YAML recipes -> Megatron-Bridge ``ConfigContainer``, with errors that name the key and file.
+
+A recipe's keys map 1:1 onto the fields of Bridge's ``ConfigContainer``: ``model.*`` (a
+Qwen3-style ``GPTModelProvider``), ``train.*``, ``optimizer.*`` (Bridge's ``OptimizerConfig``
+plus every ``sso_*`` field of :class:`~megatron_sso.mcore.config.SSOOptimizerConfig`),
+``scheduler.*``, ``dataset.*``, ``tokenizer.*``, ``checkpoint.*``, ``logger.*``, ``ddp.*``,
+``rng.*``, ``dist.*``... Overrides use the same dotted keys (``train.train_iters=50``).
+
+We do not merge with OmegaConf (Bridge's ``process_config_with_overrides``) because a typo
+there is silently kept or fails deep inside Megatron with a message that names neither the
+key nor the file. Here every key is checked against the dataclass it lands in, every value
+against the field's annotation, and the error says ``<file>: <key>: <what is wrong>``.
+Two conveniences that YAML 1.1 makes necessary: ``5e-3`` (which PyYAML reads as a string)
+is accepted for float fields, and dtype fields take ``bfloat16``/``float32`` names.
+
+The file is read by :func:`read_recipe` without importing Megatron (fast, so a missing or
+malformed file fails at once); :func:`build_config` needs Megatron-Bridge (call
+:func:`~megatron_sso.mcore.cpu_mode.enable_cpu_mode` first on a CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OPTIMIZERS = ("sso", "muon_sphere", "muon", "adam")
+"""Values of ``--optimizer`` / ``optimizer.optimizer`` this launcher accepts."""
+
+BYTE_VOCAB = 257
+"""The byte-level tokenizer of ``prepare-data``: ids 0-255 are bytes, 256 is end-of-document."""
+
+
+class RecipeError(ValueError):
+    """A bad recipe, override or command-line value; the message is one line for the user."""
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The recipe at ``path`` as a nested dict (no Megatron import). Raises RecipeError for a
+    missing file, a YAML syntax error or a top level that is not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise RecipeError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.train_iters=50"`` -> ``("train.train_iters", 50)`` (value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or "." not in key:
+        raise RecipeError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+class _Mismatch(Exception):
+    pass
+
+
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
+           "float16": "float16", "fp16": "float16", "float64": "float64"}
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` converted to annotation ``tp``, or _Mismatch. Unknown annotations pass."""
+    import torch
+
+    if tp is Any or isinstance(tp, (str, typing.ForwardRef, typing.TypeVar)):
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 5e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if tp is torch.dtype:
+        if isinstance(value, torch.dtype):
+            return value
+        if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+            return getattr(torch, _DTYPES[value.removeprefix("torch.")])
+        raise _Mismatch
+    if origin in (list, tuple, typing.List, typing.Tuple) or tp in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return tuple(value) if (origin or tp) is tuple else list(value)
+        raise _Mismatch
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if origin is not None and getattr(origin, "__name__", "") == "Callable" or tp is typing.Callable:
+        raise _Mismatch  # functions cannot be written in YAML
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if value in (member.name, member.value):
+                return member
+        raise _Mismatch
+    if isinstance(tp, type) and tp.__module__ != "builtins" and not isinstance(value, tp):
+        raise _Mismatch
+    return value
+
+
+def _annotation(obj: Any, name: str) -> Any:
+    try:
+        hints = typing.get_type_hints(type(obj))
+    except Exception:  # unresolvable forward references in some Megatron classes
+        hints = {f.name: f.type for f in dataclasses.fields(obj)}
+    tp = hints.get(name, Any)
+    if isinstance(tp, str):  # unresolved: fall back to the current value's type
+        current = getattr(obj, name, None)
+        tp = type(current) if current is not None else Any
+    return tp
+
+
+def _settable(obj: Any, name: str) -> bool:
+    if name in {f.name for f in dataclasses.fields(obj)}:
+        return True
+    prop = getattr(type(obj), name, None)
+    return isinstance(prop, property) and prop.fset is not None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return str(tp).replace("typing.", "") if typing.get_origin(tp) else getattr(tp, "__name__", str(tp))
+
+
+def set_key(cfg: Any, key: str, value: Any, source: str) -> None:
+    """Set dotted ``key`` (``section.field[.field]``) of ``cfg`` to ``value``, checked.
+    ``source`` names where the value came from (a file, or ``override 'k=v'``)."""
+    parts = key.split(".")
+    obj, path = cfg, []
+    for i, part in enumerate(parts):
+        path.append(part)
+        dotted = ".".join(path)
+        if part == "_target_":
+            raise RecipeError(f"{source}: {dotted}: _target_ is not supported; the classes are fixed "
+                              "(a Qwen3-style GPT provider, SSOOptimizerConfig, GPTDatasetConfig)")
+        if not dataclasses.is_dataclass(obj) or not _settable(obj, part):
+            what = type(obj).__name__
+            raise RecipeError(f"{source}: unknown key '{dotted}' ({what} has no field '{part}')")
+        current = getattr(obj, part)
+        last = i == len(parts) - 1
+        if not last:
+            if current is None or not dataclasses.is_dataclass(current):
+                raise RecipeError(f"{source}: '{dotted}' is not a section; cannot set '{key}'")
+            obj = current
+            continue
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                set_key(cfg, f"{key}.{sub}", sub_value, source)
+            return
+        if dataclasses.is_dataclass(current):
+            raise RecipeError(f"{source}: '{key}' is a section; give it a mapping, not {value!r}")
+        tp = _annotation(obj, part)
+        try:
+            try:
+                value = _coerce(value, tp)
+            except _Mismatch:
+                # a few Megatron annotations are wrong (Qwen3's ``init_method_std: int = 0.02``):
+                # the type of the class's own default value is accepted too
+                if current is None or type(current) not in (int, float, str, bool):
+                    raise
+                value = _coerce(value, type(current))
+        except _Mismatch:
+            raise RecipeError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r} "
+                              f"({type(value).__name__})") from None
+        setattr(obj, part, value)
+
+
+def base_config():
+    """The defaults every recipe starts from (imports Megatron-Bridge): a Qwen3-style model
+    (RMSNorm 1e-6, SwiGLU, GQA, QK-norm, RoPE 1e6, untied, no bias; SPEC §6), the paper's
+    optimizer settings (SPEC §2: lr 5e-3 warm-up 500, cosine to 5e-4; AdamW 0.9/0.95, eps 1e-8,
+    wd 0.1 for embeddings, norms, output; no decay on the sphere), byte-level data. On a
+    machine without CUDA: local (non-TE) layers, no fused kernels, gloo."""
+    import torch
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+    from megatron.bridge.models.qwen.qwen_provider import Qwen3ModelProvider
+    from megatron.bridge.training.config import (CheckpointConfig, ConfigContainer,
+                                                 DistributedDataParallelConfig, DistributedInitConfig,
+                                                 GPTDatasetConfig, LoggerConfig, RNGConfig,
+                                                 SchedulerConfig, TrainingConfig)
+    from megatron.bridge.training.tokenizers.config import TokenizerConfig
+
+    from ..mcore.config import SSOOptimizerConfig
+
+    model_kw: dict[str, Any] = dict(vocab_size=None, make_vocab_size_divisible_by=128)
+    if not torch.cuda.is_available():
+        model_kw.update(
+            transformer_layer_spec=local_layer_spec, transformer_impl="local",
+            masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
+            apply_rope_fusion=False, gradient_accumulation_fusion=False,
+            cross_entropy_loss_fusion=False, persist_layer_norm=False,
+        )
+    return ConfigContainer(
+        model=Qwen3ModelProvider(**model_kw),
+        train=TrainingConfig(train_iters=100, global_batch_size=8, micro_batch_size=1,
+                             eval_interval=1000, eval_iters=0),
+        optimizer=SSOOptimizerConfig(optimizer="sso", lr=5e-3, min_lr=5e-4, weight_decay=0.1,
+                                     adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
+                                     use_distributed_optimizer=False),
+        scheduler=SchedulerConfig(lr_decay_style="cosine", lr_warmup_iters=500, lr_warmup_init=0.0,
+                                  start_weight_decay=0.1, end_weight_decay=0.1,
+                                  weight_decay_incr_style="constant"),
+        ddp=DistributedDataParallelConfig(use_distributed_optimizer=False, check_for_nan_in_grad=True,
+                                          overlap_grad_reduce=False, overlap_param_gather=False),
+        dataset=GPTDatasetConfig(seq_length=4096, random_seed=1234, reset_attention_mask=False,
+                                 reset_position_ids=False, eod_mask_loss=False, split="99,1,0",
+                                 num_workers=0, dataloader_type="single"),
+        logger=LoggerConfig(log_interval=10),
+        tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=BYTE_VOCAB),
+        checkpoint=CheckpointConfig(save=None, load=None),
+        rng=RNGConfig(seed=1234),
+        dist=DistributedInitConfig(distributed_backend="nccl" if torch.cuda.is_available() else "gloo"),
+    )
+
+
+def build_config(path: str | Path, optimizer: str | None = None, overrides: tuple[str, ...] = (),
+                 data_path: str | None = None):
+    """The resolved ``ConfigContainer``: defaults, then the recipe, then ``--optimizer``,
+    ``--data-path`` and the dotted overrides, in that order. ``dataset.seq_length`` follows
+    ``model.seq_length`` unless given; ``optimizer.bf16`` follows ``model.bf16`` likewise."""
+    data = read_recipe(path)
+    cfg = base_config()
+    given: set[str] = set()
+
+    for section, value in data.items():
+        if not isinstance(value, dict):
+            set_key(cfg, str(section), value, str(path))
+            given.add(str(section))
+            continue
+        for k, v in value.items():
+            set_key(cfg, f"{section}.{k}", v, str(path))
+            given.add(f"{section}.{k}")
+    if optimizer is not None:
+        set_key(cfg, "optimizer.optimizer", optimizer, "--optimizer")
+    if data_path is not None:
+        set_key(cfg, "dataset.blend", [[str(data_path)], None], "--data-path")
+        set_key(cfg, "dataset.mock", False, "--data-path")
+    for text in overrides:
+        key, value = parse_override(text)
+        set_key(cfg, key, value, f"override '{text}'")
+        given.add(key)
+    if cfg.optimizer.optimizer not in OPTIMIZERS:
+        raise RecipeError(f"unknown optimizer {cfg.optimizer.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if "dataset.seq_length" not in given:
+        cfg.dataset.seq_length = cfg.model.seq_length
+    if "optimizer.bf16" not in given:
+        cfg.optimizer.bf16 = bool(cfg.model.bf16)
+    if cfg.model.max_position_embeddings < cfg.model.seq_length and "model.max_position_embeddings" not in given:
+        cfg.model.max_position_embeddings = cfg.model.seq_length
+    if cfg.model.pipeline_model_parallel_size > 1 and cfg.model.pipeline_dtype is None:
+        cfg.model.pipeline_dtype = cfg.model.params_dtype
+    if cfg.dataset.seq_length != cfg.model.seq_length:
+        raise RecipeError(f"{path}: dataset.seq_length={cfg.dataset.seq_length} differs from "
+                          f"model.seq_length={cfg.model.seq_length}")
+    return cfg
