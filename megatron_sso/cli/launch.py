@@ -90,9 +90,6 @@ def run_rank(job: dict) -> int:
         if world == int(os.environ["LOCAL_WORLD_SIZE"]):  # all ranks on this machine: loopback
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-        # Newton-Schulz / power iterates can underflow into subnormal floats, which x86 CPUs
-        # compute ~100x slower: a CPU step then stalls for seconds at random.
-        torch.set_flush_denormal(True)
     enable_cpu_mode()
     install()
     cfg = build_config(job["config"], job["optimizer"], job["overrides"], job["data_path"])
