@@ -196,9 +196,11 @@ def sphere_update_(
     max_abs_h = zero
     max_abs_lambda = zero
     fallbacks = torch.zeros((), device=W.device)
+    # The start block lives on the columns (v): only a column split offsets it; a row-split
+    # shard holds all columns, so its start block is the full one (offset 0).
     power = partial(block_power_iteration, block=cfg.power_block, compute_dtype=cfg.power_torch_dtype,
                     allreduce=allreduce, partition_dim=pdim,
-                    offset=hooks.offset if hooks is not None else 0, full_shape=full_shape)
+                    offset=hooks.offset if hooks is not None and pdim == 1 else 0, full_shape=full_shape)
     if cfg.on_sphere:
         if bufs.right_block is None:
             sigma, u, v, block = power(W, cfg.power_iters_cold)
