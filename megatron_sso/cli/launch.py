@@ -98,7 +98,10 @@ def run_rank(job: dict) -> int:
 
     from ..mcore.sphere_logging import sphere_logging_callback
 
-    pretrain(cfg, forward_step, callbacks=[_progress_callback(world), sphere_logging_callback()])
+    from ..mcore.monitoring import callbacks_from_env  # MEGATRON_SSO_MONITOR=path.jsonl; off by default
+
+    pretrain(cfg, forward_step, callbacks=[_progress_callback(world), sphere_logging_callback(),
+                                           *callbacks_from_env()])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -1,0 +1,222 @@
+"""Training-health monitoring for any optimizer: losses, spectral norms, update and activation RMS.
+
+Why: the paper's claim is that SSO keeps every atomic module's spectral norm on its sphere
+(``sigma / R = 1``) and so keeps activations bounded, while AdamW / Muon let weights drift. To
+*show* that next to the loss curves, the same quantities must be measured the same way for
+every optimizer -- not read from the SSO optimizer's own statistics (AdamW has none). So this
+module reads the model itself:
+
+* spectral norm ``sigma`` of every atomic module (each Q head, K / V group, SwiGLU gate and up,
+  ``linear_proj``, ``linear_fc2``; :func:`~.layouts.param_layout`) by exact SVD, divided by the
+  sphere radius ``R = sqrt(d_out / d_in)`` -- every ``interval`` steps (the model is tiny; for a
+  big one raise the interval);
+* update RMS ``rms(W_t - W_{t-1})`` per module kind on those same steps (a copy of the 2-D
+  weights is taken at the step's start, only on monitored steps);
+* with ``activations`` on: RMS and max-abs of each attention and MLP block's output, from
+  forward hooks that accumulate device tensors (no host sync inside the forward pass) and are
+  read once per monitored step;
+* training loss every step and validation loss at every Bridge evaluation.
+
+Off by default and free when off: nothing is registered unless :func:`callbacks_from_env`
+finds ``MEGATRON_SSO_MONITOR`` (a JSON-lines output path) in the environment, which
+``megatron-sso pretrain`` honours, so any recipe / CLI run can be monitored without a new key.
+``MEGATRON_SSO_MONITOR_INTERVAL`` (default 10) and ``MEGATRON_SSO_MONITOR_ACTIVATIONS`` (0/1,
+default 1) tune it. Only the last rank writes (it holds the reduced loss); the spectral
+numbers are those of its own model chunk (single-process runs: the whole model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from typing import Any, Optional
+
+import torch
+
+ENV_PATH = "MEGATRON_SSO_MONITOR"
+ENV_INTERVAL = "MEGATRON_SSO_MONITOR_INTERVAL"
+ENV_ACTIVATIONS = "MEGATRON_SSO_MONITOR_ACTIVATIONS"
+
+
+def _unwrap(model_chunk: Any) -> Any:
+    while hasattr(model_chunk, "module"):
+        model_chunk = model_chunk.module
+    return model_chunk
+
+
+def _matrices(model: list) -> list[tuple[str, torch.Tensor]]:
+    """The 2-D hidden-layer weights (embeddings and output layer are AdamW's in every optimizer)."""
+    out = []
+    for chunk in model:
+        for name, p in _unwrap(chunk).named_parameters():
+            if p.dim() == 2 and "decoder.layers" in name and "router" not in name:
+                out.append((name, p))
+    return out
+
+
+@torch.no_grad()
+def spectral_snapshot(model: list, split: bool = True) -> dict[str, float]:
+    """Per module kind: mean / max / min of ``sigma / R`` over the atomic modules, by exact SVD."""
+    from ..ops.retraction import target_radius
+    from .layouts import param_layout
+
+    cfg = _unwrap(model[0]).config
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for name, p in _matrices(model):
+        try:
+            mods = param_layout(name, p, cfg, 1, split_qkv=split, split_glu=split).modules
+        except ValueError:
+            continue
+        for mod in mods:
+            w = mod.view(p.data).float()
+            sigma = torch.linalg.matrix_norm(w, ord=2).item()
+            ratios[mod.kind].append(sigma / target_radius(*w.shape))
+    out = {}
+    for kind, vals in ratios.items():
+        out[f"sigma_over_R/{kind}/mean"] = sum(vals) / len(vals)
+        out[f"sigma_over_R/{kind}/max"] = max(vals)
+        out[f"sigma_over_R/{kind}/min"] = min(vals)
+    return out
+
+
+class ActivationHooks:
+    """Forward hooks on every ``self_attention`` and ``mlp`` block: running sum of squares,
+    element count and max-abs of the block output, kept on the device until :meth:`read`."""
+
+    def __init__(self, model: list) -> None:
+        self.acc: dict[str, list] = {}
+        self.active = False  # switched on only for monitored steps: other forwards pay nothing
+        self.handles = []
+        for chunk in model:
+            for name, mod in _unwrap(chunk).named_modules():
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf in ("self_attention", "mlp") and "decoder.layers" in name:
+                    key = f"{name.split('decoder.layers.')[-1].split('.')[0]}.{'attn' if leaf == 'self_attention' else 'mlp'}"
+                    self.handles.append(mod.register_forward_hook(self._hook(key)))
+
+    def _hook(self, key: str):
+        def hook(module, inputs, output):
+            if not self.active or not module.training:  # evaluation forwards are not training ones
+                return
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            y = y.detach().float()
+            sq, n, mx = (y * y).sum(), y.numel(), y.abs().max()
+            if key in self.acc:
+                a = self.acc[key]
+                a[0] += sq
+                a[1] += n
+                a[2] = torch.maximum(a[2], mx)
+            else:
+                self.acc[key] = [sq, n, mx]
+        return hook
+
+    def read(self) -> dict[str, float]:
+        """``act_rms/<layer>.<attn|mlp>`` and ``act_maxabs/...`` since the last read; resets."""
+        out = {}
+        for key, (sq, n, mx) in sorted(self.acc.items()):
+            out[f"act_rms/{key}"] = math.sqrt(float(sq) / max(n, 1))
+            out[f"act_maxabs/{key}"] = float(mx)
+        self.acc.clear()
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def monitoring_callback(path: str, interval: int = 10, activations: bool = True):
+    """A Megatron-Bridge ``Callback`` writing one JSON line per event to ``path``:
+    ``{"kind": "train", "step", "loss", "lr", "step_s", "tokens", ...monitored values}`` and
+    ``{"kind": "val", "step", "loss"}``."""
+    import torch.distributed as dist
+    from megatron.bridge.training.callbacks import Callback
+
+    interval = max(1, int(interval))
+
+    class Monitoring(Callback):
+        def __init__(self) -> None:
+            self.file = None
+            self.hooks: Optional[ActivationHooks] = None
+            self.before: dict[str, torch.Tensor] = {}
+            self.t0 = 0.0
+
+        def _writer(self) -> bool:
+            return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+        def _emit(self, rec: dict) -> None:
+            if self.file is not None:
+                self.file.write(json.dumps(rec) + "\n")
+                self.file.flush()
+
+        def on_train_start(self, context) -> None:
+            if self._writer():
+                self.file = open(path, "a", encoding="utf-8")
+            if activations:
+                self.hooks = ActivationHooks(context.model)
+
+        @staticmethod
+        def _step(context) -> int:
+            return int(context.state.train_state.step) + 1  # incremented after the callbacks
+
+        def on_train_step_start(self, context) -> None:
+            self.t0 = time.perf_counter()
+            monitored = self._step(context) % interval == 0 or self._step(context) == 1
+            if monitored:
+                self.before = {n: p.detach().float().clone() for n, p in _matrices(context.model)}
+            if self.hooks is not None:
+                self.hooks.active = monitored
+
+        def on_train_step_end(self, context) -> None:
+            step = self._step(context)
+            cfg = context.state.cfg
+            loss = context.loss_dict.get("lm loss") if context.loss_dict else None
+            groups = getattr(context.optimizer, "param_groups", None) or []
+            rec = {"kind": "train", "step": step, "loss": float(loss) if loss is not None else float("nan"),
+                   "lr": max((g["lr"] for g in groups), default=float("nan")),
+                   "step_s": time.perf_counter() - self.t0,
+                   "tokens": step * cfg.train.global_batch_size * cfg.model.seq_length}
+            if self.before:
+                rec.update(self._update_rms(context.model))
+                rec.update(spectral_snapshot(context.model))
+                if self.hooks is not None:
+                    rec.update(self.hooks.read())
+                self.before = {}
+            self._emit(rec)
+
+        def _update_rms(self, model: list) -> dict[str, float]:
+            sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+            for name, p in _matrices(model):
+                if name in self.before:
+                    d = p.detach().float() - self.before[name]
+                    kind = name.rsplit(".", 2)[-2]
+                    sums[kind][0] += float((d * d).sum())
+                    sums[kind][1] += d.numel()
+            return {f"update_rms/{k}": math.sqrt(s / max(n, 1)) for k, (s, n) in sums.items()}
+
+        def on_eval_end(self, context) -> None:
+            losses = context.total_loss_dict or {}
+            if "lm loss" in losses:
+                self._emit({"kind": "val", "step": int(context.state.train_state.step),
+                            "loss": float(losses["lm loss"])})
+
+        def on_train_end(self, context) -> None:
+            if self.hooks is not None:
+                self.hooks.remove()
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+
+    return Monitoring()
+
+
+def callbacks_from_env() -> list:
+    """``[monitoring_callback(...)]`` when ``MEGATRON_SSO_MONITOR`` names an output file, else ``[]``."""
+    path = os.environ.get(ENV_PATH)
+    if not path:
+        return []
+    return [monitoring_callback(path, int(os.environ.get(ENV_INTERVAL, "10")),
+                                os.environ.get(ENV_ACTIVATIONS, "1") not in ("0", "false", ""))]
