@@ -27,11 +27,10 @@ import torch
 from ..distributed.atomic import AtomicModule
 from ..distributed.comm import CommCounter, Group
 from ..distributed.tensor_parallel import all_gather_shards
-from ..ops.lambda_solver import initial_slope
 from ..ops.newton_schulz import AllReduce
 from ..ops.retraction import target_radius, update_scale
 from .config import SphereConfig
-from .sphere_update import BatchStats, ShardHooks, SphereBuffers, sphere_update_
+from .sphere_update import BatchStats, ShardHooks, SphereBuffers, init_sphere_state, sphere_update_
 
 Tensor = torch.Tensor
 
@@ -78,14 +77,7 @@ class Unit:
 
 
 def _init_state(unit: Unit, shape: tuple[int, int], device: torch.device) -> dict[str, Any]:
-    s = unit.state
-    if not s:
-        m, n = unit.module.full_shape
-        s["momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=device)
-        s["lambda"] = torch.zeros((), dtype=torch.float32, device=device)
-        s["slope"] = torch.full((), initial_slope(m, n), dtype=torch.float32, device=device)
-        s["lambda_warm"] = False
-    return s
+    return init_sphere_state(unit.state, shape, device, unit.module.full_shape)
 
 
 def step_batch(units: list[Unit], cfg: SphereConfig, lr: float, skip: Tensor, grad_attr: str,
@@ -111,14 +103,7 @@ def step_batch(units: list[Unit], cfg: SphereConfig, lr: float, skip: Tensor, gr
     elif u0.allreduce is not None:
         hooks = ShardHooks(u0.allreduce, u0.pdim, u0.offset)
     states = [_init_state(u, tuple(W.shape[1:]), W.device) for u in units]
-    has_block = "right_block" in states[0]
-    bufs = SphereBuffers(
-        momentum=torch.stack([s["momentum_buffer"] for s in states]),
-        right_block=torch.stack([s["right_block"] for s in states]) if has_block else None,
-        lam=torch.stack([s["lambda"] for s in states]),
-        slope=torch.stack([s["slope"] for s in states]),
-        lambda_warm=states[0]["lambda_warm"],
-    )
+    bufs = SphereBuffers.from_states(states)
     stats = sphere_update_(
         W, G, bufs, cfg, lr,
         target_radius(full[0], full[1], cfg.radius_mode, cfg.radius_scaler),
@@ -128,16 +113,8 @@ def step_batch(units: list[Unit], cfg: SphereConfig, lr: float, skip: Tensor, gr
     if u0.kind == "dup":
         d = u0.pdim + 1
         W = W.narrow(d, u0.module.tp_offset, views[0].size(u0.pdim))
-    for i, (v, s) in enumerate(zip(views, states)):
-        if not in_place:
+    if not in_place:
+        for i, v in enumerate(views):
             v.copy_(W[i])
-        s["momentum_buffer"].copy_(bufs.momentum[i])
-        if bufs.right_block is not None:
-            if "right_block" in s:
-                s["right_block"].copy_(bufs.right_block[i])
-            else:
-                s["right_block"] = bufs.right_block[i].clone()
-        s["lambda"].copy_(bufs.lam[i])
-        s["slope"].copy_(bufs.slope[i])
-        s["lambda_warm"] = bufs.lambda_warm
+    bufs.store_(states)
     return stats

@@ -14,11 +14,10 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from ..ops.lambda_solver import initial_slope
 from ..ops.retraction import target_radius, update_scale
 from .config import SphereConfig
 from .direction_optimizer import run_closure
-from .sphere_update import BatchStats, SphereBuffers, sphere_update_
+from .sphere_update import BatchStats, SphereBuffers, init_sphere_state, sphere_update_
 from .step_stats import StepStats
 
 Tensor = torch.Tensor
@@ -77,13 +76,7 @@ class SpectralSphere(torch.optim.Optimizer):
         return self._last_stats.as_dict() if self._last_stats is not None else {}
 
     def _state_for(self, p: Tensor) -> dict[str, Any]:
-        state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["lambda"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["slope"] = torch.full((), initial_slope(p.size(0), p.size(1)), dtype=torch.float32, device=p.device)
-            state["lambda_warm"] = False
-        return state
+        return init_sphere_state(self.state[p], tuple(p.shape), p.device)
 
     @staticmethod
     def _buckets(params: list[Tensor], batched: bool) -> list[list[Tensor]]:
@@ -115,29 +108,14 @@ class SpectralSphere(torch.optim.Optimizer):
         single = len(bucket) == 1 and bucket[0].dtype == torch.float32
         W = bucket[0].unsqueeze(0) if single else torch.stack([p.float() for p in bucket])
         G = torch.stack([p.grad for p in bucket])
-        has_v = "right_block" in states[0]
-        bufs = SphereBuffers(
-            momentum=torch.stack([s["momentum_buffer"] for s in states]),
-            right_block=torch.stack([s["right_block"] for s in states]) if has_v else None,
-            lam=torch.stack([s["lambda"] for s in states]),
-            slope=torch.stack([s["slope"] for s in states]),
-            lambda_warm=states[0]["lambda_warm"],
-        )
+        bufs = SphereBuffers.from_states(states)
         stats = sphere_update_(W, G, bufs, cfg, lr,
                                target_radius(d_out, d_in, cfg.radius_mode, cfg.radius_scaler),
                                update_scale(d_out, d_in, cfg.scale_mode))
-        for i, (p, s) in enumerate(zip(bucket, states)):
-            if not single:
+        if not single:
+            for i, p in enumerate(bucket):
                 p.copy_(W[i])
-            s["momentum_buffer"].copy_(bufs.momentum[i])
-            if bufs.right_block is not None:
-                if "right_block" in s:
-                    s["right_block"].copy_(bufs.right_block[i])
-                else:
-                    s["right_block"] = bufs.right_block[i].clone()
-            s["lambda"].copy_(bufs.lam[i])
-            s["slope"].copy_(bufs.slope[i])
-            s["lambda_warm"] = bufs.lambda_warm
+        bufs.store_(states)
         return [stats]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ import torch
 from ..ops.lambda_solver import (
     LambdaSolution,
     TangentResidual,
+    initial_slope,
     lambda_bound,
     solve_lambda_bisect,
     solve_lambda_secant,
@@ -62,6 +63,45 @@ class SphereBuffers:
     lam: Tensor
     slope: Tensor
     lambda_warm: bool = False
+
+    @classmethod
+    def from_states(cls, states: list[dict]) -> "SphereBuffers":
+        """Stack per-matrix state dicts (see :func:`init_sphere_state`) into batch buffers."""
+        has_block = "right_block" in states[0]
+        return cls(
+            momentum=torch.stack([s["momentum_buffer"] for s in states]),
+            right_block=torch.stack([s["right_block"] for s in states]) if has_block else None,
+            lam=torch.stack([s["lambda"] for s in states]),
+            slope=torch.stack([s["slope"] for s in states]),
+            lambda_warm=states[0]["lambda_warm"],
+        )
+
+    def store_(self, states: list[dict]) -> None:
+        """Write the batch buffers back into the per-matrix state dicts."""
+        for i, s in enumerate(states):
+            s["momentum_buffer"].copy_(self.momentum[i])
+            if self.right_block is not None:
+                if "right_block" in s:
+                    s["right_block"].copy_(self.right_block[i])
+                else:
+                    s["right_block"] = self.right_block[i].clone()
+            s["lambda"].copy_(self.lam[i])
+            s["slope"].copy_(self.slope[i])
+            s["lambda_warm"] = self.lambda_warm
+
+
+def init_sphere_state(state: dict, shape: tuple[int, int], device: torch.device,
+                      full_shape: Optional[tuple[int, int]] = None) -> dict:
+    """Fill an empty per-matrix state dict: fp32 momentum of ``shape`` (a shard's, under TP),
+    lambda 0, a slope guess for the full matrix (replaced by the first solve) and the cold
+    flag; the singular-vector block comes with the first step."""
+    if not state:
+        m, n = full_shape if full_shape is not None else shape
+        state["momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=device)
+        state["lambda"] = torch.zeros((), dtype=torch.float32, device=device)
+        state["slope"] = torch.full((), initial_slope(m, n), dtype=torch.float32, device=device)
+        state["lambda_warm"] = False
+    return state
 
 
 @dataclass

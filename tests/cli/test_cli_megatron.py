@@ -7,7 +7,6 @@ in pytest's process). The dry-runs and the input errors share one process that c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,20 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import MEGATRON, needs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _missing_megatron() -> str:
-    for name in ("megatron.core", "megatron.bridge"):
-        try:
-            if importlib.util.find_spec(name) is None:
-                return f"{name} is not installed (scripts/install.sh)"
-        except ModuleNotFoundError:
-            return f"{name} is not installed (scripts/install.sh)"
-    return ""
-
-
-pytestmark = [pytest.mark.skipif(bool(_missing_megatron()), reason=_missing_megatron() or "ok"),
+pytestmark = [needs(*MEGATRON),
               pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU runs"),
               pytest.mark.megatron]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}

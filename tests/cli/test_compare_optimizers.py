@@ -9,7 +9,6 @@ without the Megatron stack or matplotlib.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import os
 import subprocess
@@ -19,20 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import MEGATRON, needs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _missing() -> str:
-    for name in ("megatron.core", "megatron.bridge", "matplotlib"):
-        try:
-            if importlib.util.find_spec(name) is None:
-                return f"{name} is not installed"
-        except ModuleNotFoundError:
-            return f"{name} is not installed"
-    return ""
-
-
-pytestmark = [pytest.mark.skipif(bool(_missing()), reason=_missing() or "ok"),
+pytestmark = [needs(*MEGATRON, "matplotlib"),
               pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU runs"),
               pytest.mark.megatron]
 

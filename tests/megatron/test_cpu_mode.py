@@ -9,7 +9,6 @@ only works once CPU mode has installed its stubs, which must not happen in pytes
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -18,22 +17,14 @@ import textwrap
 
 import pytest
 
+from tests.needs import MEGATRON, needs
+
 CUDA_FREE = pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="CPU mode only applies without CUDA"
 )
 
 
-def _missing_megatron() -> str:
-    for name in ("megatron.core", "megatron.bridge"):
-        try:
-            if importlib.util.find_spec(name) is None:
-                return f"{name} is not installed (scripts/install.sh)"
-        except ModuleNotFoundError:
-            return f"{name} is not installed (scripts/install.sh)"
-    return ""
-
-
-NEEDS_MEGATRON = pytest.mark.skipif(bool(_missing_megatron()), reason=_missing_megatron() or "ok")
+NEEDS_MEGATRON = needs(*MEGATRON)
 
 
 def _run_python(code: str, timeout: float = 120) -> str:
