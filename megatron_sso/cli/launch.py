@@ -123,21 +123,15 @@ def run_local(job: dict, world_size: int, timeout_s: float | None = None) -> int
 
     import torch.multiprocessing as mp
 
-    from ..mcore.bridge_runner import _PRELOAD, free_port
+    from ..mcore.bridge_runner import _PRELOAD, free_port, join_ranks
 
     multiprocessing.get_context("forkserver").set_forkserver_preload([_PRELOAD])
     ctx = mp.start_processes(_local_rank_main, args=(world_size, free_port(), job), nprocs=world_size,
                              join=False, start_method="forkserver")
     deadline = time.perf_counter() + timeout_s if timeout_s else None
     try:
-        while not ctx.join(timeout=0.5):
-            if deadline and time.perf_counter() > deadline:
-                raise RuntimeError(f"stopped after --timeout {timeout_s:.0f} s")
+        join_ranks(ctx, deadline, f"stopped after --timeout {timeout_s:.0f} s")
     except Exception as exc:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=10)
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         print(f"megatron-sso pretrain: a rank failed: {lines[-1] if lines else exc}", file=sys.stderr, flush=True)
         return 1

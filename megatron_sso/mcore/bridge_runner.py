@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 __all__ = [
     "PretrainRun",
@@ -271,6 +272,21 @@ def _rank_main(local_rank: int, world_size: int, port: int, spec: TinyGPTSpec,
 _PRELOAD = "megatron_sso.mcore._bridge_preload"
 
 
+def join_ranks(ctx, deadline: Optional[float], timeout_message: str) -> None:
+    """Wait for spawned ranks; past ``deadline`` (``time.perf_counter()`` units, ``None`` for
+    none) or when a rank fails, kill every rank still alive and re-raise."""
+    try:
+        while not ctx.join(timeout=0.5):
+            if deadline is not None and time.perf_counter() > deadline:
+                raise RuntimeError(timeout_message)
+    except Exception:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+        raise
+
+
 def run_pretrain(spec: TinyGPTSpec = TinyGPTSpec(), world_size: int = 1, *,
                  setup_hook: str | None = None, probe: str | None = None, timeout_s: float = 300.0,
                  port: int | None = None, start_method: str = "forkserver") -> PretrainRun:
@@ -302,16 +318,9 @@ def run_pretrain(spec: TinyGPTSpec = TinyGPTSpec(), world_size: int = 1, *,
             _rank_main, args=(world_size, port or free_port(), spec, out_dir, setup_hook, probe),
             nprocs=world_size, join=False, start_method=start_method,
         )
-        deadline = start + timeout_s
         try:
-            while not ctx.join(timeout=0.5):
-                if time.perf_counter() > deadline:
-                    raise RuntimeError(f"pretrain run exceeded {timeout_s:.0f} s")
+            join_ranks(ctx, start + timeout_s, f"pretrain run exceeded {timeout_s:.0f} s")
         except Exception as exc:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-                p.join(timeout=10)
             raise RuntimeError(f"Bridge pretrain in {world_size} rank(s) failed: {exc}") from exc
         ranks = []
         for rank in range(world_size):
