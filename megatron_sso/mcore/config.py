@@ -5,8 +5,10 @@ that every member optimizer holds an *equal* config, so the SSO settings must tr
 that same object. We subclass the config class (Bridge's deferred-post-init
 ``OptimizerConfig`` when Megatron-Bridge is importable, else megatron-core's) and add one
 ``sso_<field>`` attribute per :class:`~megatron_sso.optim.config.SphereConfig` field plus a
-few Megatron-side settings. Because the subclass is a real dataclass, Bridge's YAML merge and
-Hydra overrides see the fields: ``optimizer.sso_lambda_tol=1e-4`` works, and a YAML may name
+few Megatron-side settings, and the ``spectra_*`` settings of :data:`SPECTRA_SETTINGS`
+(``optimizer: adam | signum | ademamix`` with SPECTRA clipping). Because the subclass is a
+real dataclass, Bridge's YAML merge and Hydra overrides see the fields:
+``optimizer.sso_lambda_tol=1e-4`` or ``optimizer.spectra_post_clip=5`` work, and a YAML may name
 the class with ``_target_: megatron_sso.mcore.config.SSOOptimizerConfig``.
 
 A plain ``OptimizerConfig`` works too: missing ``sso_*`` attributes take the defaults
@@ -16,7 +18,7 @@ A plain ``OptimizerConfig`` works too: missing ``sso_*`` attributes take the def
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 from ..optim.config import SphereConfig
 
@@ -29,8 +31,37 @@ MEGATRON_SETTINGS: dict[str, tuple[type, Any, str]] = {
     "sso_router_on_sphere": (bool, False, "optimise the MoE router weight on the sphere (default: AdamW)"),
     "sso_mup_init": (bool, False, "rescale every atomic module to its radius when the optimizer is built"),
     "sso_tp_mode": (str, "duplicated", "TP-sharded modules: 'duplicated' (all-gather, update, keep own slice)"),
+    "sso_dp_shard": (bool, True, "update each atomic module on one data-parallel rank and all-gather the "
+                     "result (state stays replicated); false: every rank updates every module"),
 }
 """Settings of the Megatron integration itself (name: type, default, meaning)."""
+
+SPECTRA_OPTIMIZERS = ("signum", "ademamix")
+"""``optimizer`` values that always select SPECTRA's Megatron builder (:mod:`.spectra_factory`);
+``adam`` selects it too when :func:`spectra_enabled` (otherwise Megatron's own Adam runs)."""
+
+SPECTRA_SETTINGS: dict[str, tuple[type, Any, str]] = {
+    "spectra_post_clip": (float, None, "post-clip level c of every 2-D hidden atomic module's update "
+                          "(SPECTRA: 5 with cosine lr, 10 with WSD); null or 0: off"),
+    "spectra_pre_clip": (float, None, "soft-clip level of raw 2-D gradients before global-norm clipping "
+                         "(SPECTRA: 0.1); null or 0: off"),
+    "spectra_mode": (str, "soft", "post-clip 'soft' sigma/sqrt(1+sigma^2/c^2) (Newton-Schulz) or 'hard' "
+                     "min(sigma, c) (SVD)"),
+    "spectra_clip_steps": (int, 10, "Newton-Schulz steps of the soft clip"),
+    "spectra_clip_dtype": (str, "fp32", "compute dtype of the clips: fp32, bf16 or fp64"),
+    "spectra_shape_scale": (bool, True, "multiply each clipped update by sqrt(max(1, d_out/d_in))"),
+    "spectra_stats_power_iters": (int, 4, "power iterations per module for the logged ||D||_2; 0: off"),
+    "spectra_split_qkv": (bool, True, "clip each Q head, K group and V group of a fused QKV separately"),
+    "spectra_split_glu": (bool, True, "clip the gate and up halves of a gated (SwiGLU) fc1 separately"),
+    "spectra_signum_momentum": (float, 0.9, "Signum's gradient EMA coefficient (optimizer=signum)"),
+    "spectra_ademamix_beta3": (float, 0.9999, "AdEMAMix slow EMA coefficient (optimizer=ademamix)"),
+    "spectra_ademamix_alpha": (float, 8.0, "AdEMAMix weight of the slow EMA"),
+    "spectra_ademamix_alpha_warmup": (int, None, "AdEMAMix alpha warm-up steps (authors: all steps); null: none"),
+    "spectra_ademamix_beta3_warmup": (int, None, "AdEMAMix beta3 warm-up steps (authors: all steps); null: none"),
+}
+"""SPECTRA settings (name: type, default, meaning); a ``None`` default means the value may be
+null. AdamW and AdEMAMix take ``adam_beta1``, ``adam_beta2`` and ``adam_eps`` from the same
+config, and every base its (scheduled) weight decay from Megatron's param groups."""
 
 _BASE_CLASS = None
 
@@ -55,6 +86,8 @@ def _sphere_fields() -> list[tuple[str, type, Any]]:
         out.append((f"sso_{f.name}", type(value), dataclasses.field(default=value)))
     for name, (typ, default, _) in MEGATRON_SETTINGS.items():
         out.append((name, typ, dataclasses.field(default=default)))
+    for name, (typ, default, _) in SPECTRA_SETTINGS.items():
+        out.append((name, Optional[typ] if default is None else typ, dataclasses.field(default=default)))
     return out
 
 
@@ -100,3 +133,48 @@ def megatron_setting(config: Any, name: str) -> Any:
         raise ValueError(f"sso_tp_mode={value!r} is not available yet; use 'duplicated' "
                          "(the sharded mode arrives with megatron_sso.distributed)")
     return value
+
+
+def spectra_setting(config: Any, name: str) -> Any:
+    """A SPECTRA setting (``spectra_post_clip``...) with its default when absent, type-checked
+    (ints are accepted for floats; ``None`` only where the default is ``None``)."""
+    typ, default, _ = SPECTRA_SETTINGS[name]
+    value = getattr(config, name, default)
+    if value is None and default is None:
+        return None
+    ok = isinstance(value, bool) if typ is bool else (
+        isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float else
+        isinstance(value, typ) and not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{name} must be {'a' if default is not None else 'null or a'} {typ.__name__}, "
+                         f"got {value!r}")
+    return float(value) if typ is float else value
+
+
+def spectra_enabled(config: Any) -> bool:
+    """Whether ``config`` turns SPECTRA on: a post-clip or a pre-clip level that is set and nonzero."""
+    return any(spectra_setting(config, name) for name in ("spectra_post_clip", "spectra_pre_clip"))
+
+
+def spectra_selected(config: Any) -> bool:
+    """Whether SPECTRA's builder handles ``config.optimizer``: ``signum`` and ``ademamix``
+    always, ``adam`` only with a clip on (plain ``adam`` is Megatron's own Adam)."""
+    mode = getattr(config, "optimizer", None)
+    return mode in SPECTRA_OPTIMIZERS or (mode == "adam" and spectra_enabled(config))
+
+
+def check_spectra(config: Any) -> None:
+    """Raise ValueError naming the key unless the ``spectra_*`` values on ``config`` (an
+    ``OptimizerConfig`` or Megatron-LM's parsed arguments) make a valid SPECTRA set-up for
+    ``config.optimizer``: for ``adam``/``signum``/``ademamix`` every value is checked by
+    building the configs the factory would build; for any other optimizer (``sso``, ``muon``,
+    ``sgd``...) a clip that is on is an error rather than silently ignored. The one rule the
+    Bridge CLI (recipes) and the Megatron-LM flags both apply, before any rank starts."""
+    mode = getattr(config, "optimizer", None)
+    if mode in SPECTRA_OPTIMIZERS or mode == "adam":
+        from .spectra_factory import spectra_configs_from  # imports nothing from Megatron
+
+        spectra_configs_from(config)
+    elif spectra_enabled(config):
+        raise ValueError(f"spectra_post_clip / spectra_pre_clip apply to adam, signum and ademamix, "
+                         f"not optimizer={mode!r}")

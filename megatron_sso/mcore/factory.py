@@ -5,9 +5,11 @@ import time (``from megatron.core.optimizer import get_megatron_optimizer``), so
 :func:`install` replaces the name at the call sites: Megatron-Bridge's
 ``megatron.bridge.training.optim`` (which sends every name containing "muon" to
 ``get_megatron_muon_optimizer`` instead, so that name is wrapped too) and Megatron-LM's
-``megatron.training.training``. Our names go to :func:`get_sphere_megatron_optimizer`, all
-others fall through unchanged. On megatron-core >= 0.18 the private registry in
-``megatron/core/optimizer/emerging_optimizers.py`` is used when present (see :mod:`.registry`).
+``megatron.training.training``. Our names go to :func:`get_sphere_megatron_optimizer`
+(``signum``, ``ademamix`` and ``adam`` with a SPECTRA clip on go to
+:mod:`.spectra_factory`), all others fall through unchanged. On megatron-core >= 0.18 the
+private registry in ``megatron/core/optimizer/emerging_optimizers.py`` is used for the sphere
+names when present (see :mod:`.registry`).
 
 Routing (paper §6.1, SPEC §3): every 2-D hidden weight goes to the sphere optimizer, split into
 atomic modules (:mod:`.layouts`); word and position embeddings and the output layer (by name
@@ -27,8 +29,9 @@ import importlib
 import logging
 from typing import Any, Optional
 
-from .config import SPHERE_OPTIMIZERS, megatron_setting, sphere_config_from
+from .config import SPECTRA_OPTIMIZERS, SPHERE_OPTIMIZERS, megatron_setting, spectra_enabled, sphere_config_from
 from .layouts import param_layout
+from .dp_shard import dp_groups_of
 from .sphere_optimizer import LAYOUT_ATTR, MegatronSphere, check_cache_fits, init_sphere_state
 
 logger = logging.getLogger(__name__)
@@ -76,8 +79,8 @@ def get_sphere_megatron_optimizer(config: Any, model_chunks: list, config_overri
     """Build ``ChainedOptimizer([sphere (dense), sphere (expert-parallel, if any), Megatron
     Adam members...])`` for ``config.optimizer`` in :data:`SPHERE_OPTIMIZERS`.
 
-    Raises ValueError for the distributed optimizer (it cuts matrices into flat slices; whole
-    atomic modules need atomic-module sharding, which ``megatron_sso.distributed`` brings), for
+    Raises ValueError for the distributed optimizer (it cuts matrices into flat slices; the
+    sphere optimizer shards by whole atomic modules instead, :mod:`.dp_shard`), for
     fp16 and CPU offload (not supported), or for a bad ``sso_*`` value.
     """
     mode = config.optimizer
@@ -86,7 +89,8 @@ def get_sphere_megatron_optimizer(config: Any, model_chunks: list, config_overri
         raise ValueError(
             f"optimizer={mode!r} with use_distributed_optimizer=True: Megatron's distributed optimizer "
             "cuts matrices into flat slices, but every atomic module must be updated whole. Set "
-            "use_distributed_optimizer=False (atomic-module sharding comes with megatron_sso.distributed)."
+            "use_distributed_optimizer=False: the sphere optimizer shards its work across data-parallel "
+            "ranks by whole atomic modules itself (sso_dp_shard, docs/megatron.md)."
         )
     if config.fp16:
         raise ValueError(f"optimizer={mode!r} with fp16=True is not supported; use bf16 or fp32")
@@ -134,7 +138,8 @@ def get_sphere_megatron_optimizer(config: Any, model_chunks: list, config_overri
             p.requires_grad_(True)
 
     def wrap(param_groups, stats_group):
-        inner = MegatronSphere(param_groups, cfg, tp_groups)
+        inner = MegatronSphere(param_groups, cfg, tp_groups, dp_groups_of(pg_collection),  # see .dp_shard
+                               dp_shard=megatron_setting(config, "sso_dp_shard"))
         if config.bf16:
             scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
             opt = Float16OptimizerWithFloat16Params(inner, config, scaler, init_sphere_state)
@@ -175,9 +180,15 @@ def _wrap(original, names: tuple[str, ...]):
 
     @functools.wraps(original)
     def factory(config, model_chunks, *args, **kwargs):
-        if getattr(config, "optimizer", None) in names:
+        mode = getattr(config, "optimizer", None)
+        if mode in names and mode in SPHERE_OPTIMIZERS:
             kwargs.pop("layer_wise_distributed_optimizer", None)  # Bridge's muon call site
             return get_sphere_megatron_optimizer(config, model_chunks, *args, **kwargs)
+        if (mode in names and mode in SPECTRA_OPTIMIZERS) or (mode == "adam" and spectra_enabled(config)):
+            from .spectra_factory import get_spectra_megatron_optimizer  # imports this module
+
+            kwargs.pop("layer_wise_distributed_optimizer", None)
+            return get_spectra_megatron_optimizer(config, model_chunks, *args, **kwargs)
         return original(config, model_chunks, *args, **kwargs)
 
     factory._megatron_sso_wrapped = True
@@ -185,25 +196,40 @@ def _wrap(original, names: tuple[str, ...]):
     return factory
 
 
-def install(names: tuple[str, ...] = SPHERE_OPTIMIZERS) -> list[str]:
+def install(names: tuple[str, ...] = SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS,
+            sites: Optional[tuple[str, ...]] = None) -> list[str]:
     """Make Megatron's factory build our optimizers for ``names``; returns what was patched.
 
     Idempotent. Call it in every rank before training starts (for Bridge: before
-    ``pretrain``). ``names`` may drop ``"muon"`` to keep Megatron's own Muon.
+    ``pretrain``). ``names`` may drop ``"muon"`` to keep Megatron's own Muon. ``adam`` with a
+    SPECTRA clip on (:func:`~.config.spectra_enabled`) always goes to
+    :mod:`.spectra_factory`; plain ``adam`` always stays Megatron's.
+
+    ``sites`` are the modules whose factory names are wrapped. By default every module of
+    :data:`CALL_SITES` that imports (one that raises ImportError is skipped, e.g. Bridge for a
+    Megatron-LM user). Given explicitly, only those are imported and wrapped, and an import
+    error propagates: the Megatron-LM launcher passes ``("megatron.training.training",)`` so
+    that ``megatron.bridge`` is never imported into a Megatron-LM run.
     """
-    unknown = set(names) - set(SPHERE_OPTIMIZERS)
+    ours = SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS
+    unknown = set(names) - set(ours)
     if unknown:
-        raise ValueError(f"cannot register optimizer name(s) {sorted(unknown)}; ours are {SPHERE_OPTIMIZERS}")
+        raise ValueError(f"cannot register optimizer name(s) {sorted(unknown)}; ours are {ours}")
+    if isinstance(sites, str):
+        raise ValueError(f"sites must be a tuple of module names, got the string {sites!r}")
+    patched = []
     if _core_version() >= (0, 18):
         from .registry import register_emerging
 
-        if register_emerging(tuple(names)):
-            return ["megatron.core.optimizer.emerging_optimizers"]
-    patched = []
-    for modname in CALL_SITES:
+        if register_emerging(tuple(n for n in names if n in SPHERE_OPTIMIZERS)):
+            patched.append("megatron.core.optimizer.emerging_optimizers")
+            names = tuple(n for n in names if n not in SPHERE_OPTIMIZERS)  # SPECTRA: call sites below
+    for modname in CALL_SITES if sites is None else tuple(sites):
         try:
             mod = importlib.import_module(modname)
         except ImportError:
+            if sites is not None:
+                raise
             continue
         for attr in ("get_megatron_optimizer", "get_megatron_muon_optimizer"):
             if hasattr(mod, attr):

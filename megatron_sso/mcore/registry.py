@@ -28,6 +28,7 @@ def register_emerging(names: tuple[str, ...]) -> bool:
         logger.info("megatron_sso: no emerging-optimizer registry (%s); wrapping call sites", exc)
         return False
     from .config import megatron_setting, sphere_config_from
+    from .dp_shard import dp_groups_of
     from .factory import route
     from .layouts import param_layout
     from .sphere_optimizer import LAYOUT_ATTR, MegatronSphere, check_cache_fits, init_sphere_state
@@ -51,7 +52,8 @@ def register_emerging(names: tuple[str, ...]) -> bool:
                                           split_glu=megatron_setting(config, "sso_split_glu"))
                     check_cache_fits(cfg, layout)
                     setattr(p, LAYOUT_ATTR, layout)
-        return {"cfg": cfg, "tp_groups": tp_groups}
+        return {"cfg": cfg, "tp_groups": tp_groups, "dp_groups": dp_groups_of(pg_collection),
+                "dp_shard": megatron_setting(config, "sso_dp_shard")}
 
     overrides = {ParamKey(predicate=ParamPredicate(name="megatron_sso_adam", fn=to_adam)): {"optimizer": "adam"}}
     for name in names:

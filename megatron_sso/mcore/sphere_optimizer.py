@@ -22,6 +22,15 @@ gradient and momentum over the TP group, run the update on the full matrix (ever
 same), and keep this rank's slice. Bytes moved are counted in the stats. A sharded mode (Gram
 all-reduces through :class:`~megatron_sso.optim.ShardHooks`) can replace :meth:`_gather` /
 :meth:`_keep_own` without touching the rest. Per-head QKV modules are whole: no communication.
+
+**Data parallelism** (:mod:`.dp_shard`, ``sso_dp_shard``, on by default). The *compute* is
+sharded by atomic module: each DP rank updates the modules the cost-balanced plan gives it and
+the owners' weights, momentum and cache rows are all-gathered, so every rank ends bit-identical.
+The *state* stays replicated and parameter-shaped (memory like DDP without the distributed
+optimizer), which keeps the torch_dist checkpoint above unchanged and lets a run resume with
+another DP size. Per-module skip decisions (non-finite or missing gradient) are agreed over the
+DP group first, so every rank skips the same modules; the step count advances for every
+parameter on every rank.
 """
 
 from __future__ import annotations
@@ -33,11 +42,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..distributed.comm import CommCounter
 from ..ops.lambda_solver import initial_slope
 from ..ops.retraction import target_radius, update_scale
 from ..optim.config import SphereConfig
 from ..optim.sphere_update import SphereBuffers, sphere_update_
-from ..optim.step_stats import StepStats
+from .dp_shard import STAT_FIELDS, ModuleRef, ShardDomain, combine_stats, stats_width
 from .layouts import AtomicModule, ParamLayout
 
 Tensor = torch.Tensor
@@ -80,16 +90,25 @@ class MegatronSphere(torch.optim.Optimizer):
             in the :data:`LAYOUT_ATTR` attribute.
         cfg: the hyper-parameters.
         tp_groups: ``{"dense": group, "expert": group}`` TP process groups (``None``: size 1).
+        dp_groups: the same for the groups holding identical copies (:func:`.dp_shard.dp_groups_of`;
+            ``None``: every rank on its own, no agreement, no sharding).
+        dp_shard: update each atomic module on one DP rank only and copy the result to the
+            others (:mod:`.dp_shard`); ``False``: every rank updates every module.
     """
 
     def __init__(self, param_groups: list[dict], cfg: SphereConfig,
-                 tp_groups: Optional[dict[str, Any]] = None) -> None:
+                 tp_groups: Optional[dict[str, Any]] = None, dp_groups: Optional[dict[str, Any]] = None,
+                 dp_shard: bool = True) -> None:
         super().__init__(param_groups, {"lr": 1e-3, "weight_decay": 0.0})
         self.cfg = cfg
         self.tp_groups = tp_groups or {}
+        self.dp_groups = dp_groups or {}
+        self.dp_shard = bool(dp_shard)
         self.gather_bytes = 0
-        self._last: Optional[StepStats] = None
-        self._kinds: dict[str, list[Tensor]] = {}
+        self.counter = CommCounter()  # DP traffic since construction
+        self._domains: Optional[list[ShardDomain]] = None
+        self._stats: dict[str, Tensor] = {}
+        self._owned = 0
 
     # ------------------------------------------------------------------ state
     def _state_for(self, p: Tensor) -> dict[str, Any]:
@@ -103,6 +122,27 @@ class MegatronSphere(torch.optim.Optimizer):
 
     def _group_of(self, layout: ParamLayout):
         return self.tp_groups.get("expert" if layout.expert else "dense")
+
+    def _param(self, ref: ModuleRef) -> Tensor:
+        return self.param_groups[ref.group]["params"][ref.param]
+
+    def _build_domains(self) -> list[ShardDomain]:
+        found: dict[str, tuple[list, list]] = {"dense": ([], []), "expert": ([], [])}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                layout: ParamLayout = getattr(p, LAYOUT_ATTR)
+                refs, mods = found["expert" if layout.expert else "dense"]
+                for mi, mod in enumerate(layout.modules):
+                    refs.append(ModuleRef(gi, pi, mi))
+                    mods.append(mod)
+        out = []
+        for name, (refs, mods) in found.items():
+            if refs:
+                params = [self._param(r) for r in refs]
+                dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+                out.append(ShardDomain(name, refs, mods, self.tp_groups.get(name), self.dp_groups.get(name),
+                                       self.dp_shard, self.cfg, params[0].device, dtype))
+        return out
 
     # ------------------------------------------------------------ TP (duplicated)
     def _gather(self, local: Tensor, mod: AtomicModule, layout: ParamLayout, dim_offset: int = 1) -> Tensor:
@@ -131,38 +171,80 @@ class MegatronSphere(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._domains is None:
+            self._domains = self._build_domains()
+        warm = {}
+        for group in self.param_groups:  # state is replicated: every rank counts every parameter
+            for p in group["params"]:
+                state = self._state_for(p)
+                warm[p] = bool(state["step"] > 0)
+                state["step"] += 1
+        self._owned = 0
+        self._stats = {d.name: self._step_domain(d, warm) for d in self._domains}
+        return loss
+
+    def _step_domain(self, d: ShardDomain, warm: dict) -> Tensor:
+        device = self._param(d.refs[0]).device
+        if d.world > 1:  # every rank skips what any rank cannot step
+            skip = d.agree_skips(self._local_flags(d, device), self.counter)
+        else:  # one rank: the update checks finiteness itself (gathered over TP)
+            missing = [self._param(r).grad is None for r in d.refs]
+            skip = torch.tensor(missing, device=device) if any(missing) else None
+        buckets: dict[tuple, list] = defaultdict(list)
+        for i in d.owned:
+            ref, mod = d.refs[i], d.mods[i]
+            p = self._param(ref)
+            key = (ref.group, mod.full_shape, mod.local_shape, mod.tp_dim, warm[p])
+            buckets[key].append((i, p, self.state[p], mod, getattr(p, LAYOUT_ATTR)))
         batches, kinds = [], defaultdict(list)
-        for group in self.param_groups:
+        for (gi, _, _, _, is_warm), entries in buckets.items():
+            group = self.param_groups[gi]
             cfg = self.cfg
             if not cfg.on_sphere:  # Muon: Megatron's scheduled decoupled decay (wd_mult applied)
                 cfg = dataclasses.replace(cfg, weight_decay=float(group.get("weight_decay", 0.0)))
-            buckets: dict[tuple, list] = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._state_for(p)
-                warm = bool(state["step"] > 0)
-                state["step"] += 1
-                layout: ParamLayout = getattr(p, LAYOUT_ATTR)
-                for mod in layout.modules:
-                    key = (mod.full_shape, mod.local_shape, mod.tp_dim, layout.expert, warm)
-                    buckets[key].append((p, state, mod, layout))
-            for (_, _, _, _, warm), entries in buckets.items():
-                batches.append(self._step_bucket(entries, cfg, float(group["lr"]), warm, kinds))
-        self._last = StepStats.from_batches(batches)
-        self._kinds = kinds
-        return loss
+            sel = None if skip is None else skip[torch.tensor([e[0] for e in entries], device=device)]
+            batches.append(self._step_bucket(entries, cfg, float(group["lr"]), is_warm, kinds, sel))
+            self._owned += len(entries)
+        local = self._local_stats(d, batches, kinds, device)
+        if not d.sharded:
+            return local
+        return d.distribute(lambda i: self._views(d, i), local, self.counter)
 
-    def _step_bucket(self, entries: list, cfg: SphereConfig, lr: float, warm: bool, kinds) -> Any:
-        p0, _, mod0, layout0 = entries[0]
+    def _local_flags(self, d: ShardDomain, device) -> Tensor:
+        """1.0 per module whose local gradient view is non-finite or missing (modules of one
+        parameter are contiguous in ``d.refs``: one non-finite mask alive at a time)."""
+        out, current, mask = [], None, None
+        missing = torch.ones((), dtype=torch.bool, device=device)
+        for ref, mod in zip(d.refs, d.mods):
+            p = self._param(ref)
+            if p is not current:
+                current, mask = p, (None if p.grad is None else ~torch.isfinite(p.grad))
+            out.append(missing if mask is None else mod.view(mask).any())
+        return torch.stack(out).float()
+
+    def _views(self, d: ShardDomain, i: int) -> list[Tensor]:
+        """What the owner of module ``i`` sends: its weight, momentum and packed cache rows."""
+        p, mod = self._param(d.refs[i]), d.mods[i]
+        state = self.state[p]
+        out = [mod.view(p.data), mod.view(state["momentum_buffer"])]
+        if self.cfg.on_sphere:
+            out.append(mod.view(state["sphere_cache"])[:cache_block(self.cfg, mod) + 2])
+        return out
+
+    def _step_bucket(self, entries: list, cfg: SphereConfig, lr: float, warm: bool, kinds,
+                     skip: Optional[Tensor]) -> Any:
+        _, p0, _, mod0, layout0 = entries[0]
         m, n = mod0.full_shape
         b = cache_block(cfg, mod0)
 
         def stacked(fn) -> Tensor:
-            return torch.stack([fn(p, s, mod).float() for p, s, mod, _ in entries])
+            return torch.stack([fn(p, s, mod).float() for _, p, s, mod, _ in entries])
+
+        def grad(p, mod) -> Tensor:  # a missing gradient is skipped (flagged in ``skip``)
+            return mod.view(p.grad) if p.grad is not None else torch.zeros(mod.local_shape, device=p.device)
 
         W = self._gather(stacked(lambda p, s, mod: mod.view(p)), mod0, layout0)
-        G = self._gather(stacked(lambda p, s, mod: mod.view(p.grad)), mod0, layout0)
+        G = self._gather(stacked(lambda p, s, mod: grad(p, mod)), mod0, layout0)
         M = self._gather(stacked(lambda p, s, mod: mod.view(s["momentum_buffer"])), mod0, layout0)
         B = W.size(0)
         block = None
@@ -180,8 +262,8 @@ class MegatronSphere(torch.optim.Optimizer):
                              lambda_warm=warm and cfg.lambda_solver == "secant")
         radius = target_radius(m, n, cfg.radius_mode, cfg.radius_scaler)
         stats = sphere_update_(W, G, bufs, cfg, lr, radius, update_scale(m, n, cfg.scale_mode),
-                               full_shape=(m, n))
-        for i, (p, s, mod, layout) in enumerate(entries):
+                               full_shape=(m, n), skip=skip)
+        for i, (_, p, s, mod, layout) in enumerate(entries):
             mod.view(p).copy_(self._keep_own(W[i], mod, layout))
             mod.view(s["momentum_buffer"]).copy_(self._keep_own(bufs.momentum[i], mod, layout))
             if cfg.on_sphere:
@@ -193,7 +275,7 @@ class MegatronSphere(torch.optim.Optimizer):
         rms = (W - before).flatten(1).norm(dim=1) / (m * n) ** 0.5
         err = (stats.sigma / radius - 1.0).abs() if stats.sigma is not None else torch.zeros_like(rms)
         by_kind = defaultdict(list)
-        for i, (_, _, mod, _) in enumerate(entries):
+        for i, (_, _, _, mod, _) in enumerate(entries):
             by_kind[mod.kind].append(i)
         for kind, idx in by_kind.items():
             sel = torch.tensor(idx, device=W.device)
@@ -201,22 +283,60 @@ class MegatronSphere(torch.optim.Optimizer):
         return stats
 
     # ------------------------------------------------------------------ stats
+    @staticmethod
+    def _local_stats(d: ShardDomain, batches: list, kinds: dict, device) -> Tensor:
+        """This rank's stats vector for domain ``d`` (layout: :data:`.dp_shard.STAT_FIELDS`,
+        then per kind of ``d.kinds``: max norm error, sum of update RMS, modules)."""
+        out = torch.zeros(stats_width(d.kinds), device=device)
+        if batches:
+            out[0] = float(sum(b.num_matrices for b in batches))
+            out[1] = float(sum(b.msign_calls for b in batches))
+            out[2] = torch.stack([b.max_abs_h.float() for b in batches]).max()
+            out[3] = torch.stack([b.max_abs_lambda.float() for b in batches]).max()
+            out[4] = torch.stack([b.skipped.float() for b in batches]).sum()
+            out[5] = torch.stack([b.fallbacks.float() for b in batches]).sum()
+        base = len(STAT_FIELDS)
+        for kind, rows in kinds.items():
+            t = torch.stack(rows).to(device)
+            j = base + 3 * d.kind_index[kind]
+            out[j], out[j + 1], out[j + 2] = t[:, 0].max(), t[:, 1].sum(), t[:, 2].sum()
+        return out
+
     @property
     def last_step_stats(self) -> dict[str, float]:
-        """The last step's solver totals (see :class:`~megatron_sso.optim.step_stats.StepStats`)
-        plus ``tp_gather_bytes`` since construction. Reading synchronises once."""
-        out = self._last.as_dict() if self._last is not None else {}
+        """The last step's solver totals over *every* module of this optimizer (gathered over
+        DP when sharded): ``num_matrices``, ``msign_calls``, ``msign_calls_per_matrix``,
+        ``max_abs_h``, ``max_abs_lambda``, ``skipped_nonfinite`` (non-finite or missing
+        gradient), ``lambda_fallbacks``; and ``dp_owned_matrices`` (updated by this rank),
+        ``max_dp_imbalance`` (planned max/mean cost), ``tp_gather_bytes``, ``dp_gather_bytes``
+        and ``dp_agree_bytes`` (ring-model bytes this rank sent since construction). Reading
+        synchronises once."""
+        out: dict[str, float] = {}
+        if self._stats:
+            head = combine_stats(torch.stack([v[:len(STAT_FIELDS)] for v in self._stats.values()]))
+            out = dict(zip(STAT_FIELDS, head.tolist()))
+            for key in ("num_matrices", "msign_calls", "skipped_nonfinite", "lambda_fallbacks"):
+                out[key] = int(round(out[key]))
+            out["msign_calls_per_matrix"] = out["msign_calls"] / max(out["num_matrices"], 1)
+            out["max_dp_imbalance"] = max(d.plan.imbalance for d in self._domains)
+        out["dp_owned_matrices"] = self._owned
         out["tp_gather_bytes"] = self.gather_bytes
+        out["dp_gather_bytes"] = self.counter.wire.get("dp", 0.0)
+        out["dp_agree_bytes"] = self.counter.wire.get("dp_agree", 0.0) + self.counter.wire.get("tp_agree", 0.0)
         return out
 
     def kind_stats(self) -> dict[str, dict[str, float]]:
-        """Per module kind (``qkv_q``, ``gate``, ``linear_proj``...): ``max_norm_error``
-        (max ``|sigma/R - 1|`` of the weights the last forward pass used; 0 for Muon),
-        ``update_rms`` (mean RMS of the applied change) and ``modules``."""
+        """Per module kind (``qkv_q``, ``gate``, ``linear_proj``...) over every module:
+        ``max_norm_error`` (max ``|sigma/R - 1|`` of the weights the last forward pass used;
+        0 for Muon), ``update_rms`` (mean RMS of the applied change) and ``modules``."""
         out = {}
-        for kind, rows in self._kinds.items():
-            t = torch.stack(rows)
-            count = float(t[:, 2].sum())
-            out[kind] = {"max_norm_error": float(t[:, 0].max()),
-                         "update_rms": float(t[:, 1].sum()) / max(count, 1.0), "modules": int(count)}
+        base = len(STAT_FIELDS)
+        for d in self._domains or []:
+            if d.name not in self._stats:
+                continue
+            vec = self._stats[d.name].tolist()
+            for kind, j in d.kind_index.items():
+                err, rms, count = vec[base + 3 * j: base + 3 * j + 3]
+                if count > 0:
+                    out[kind] = {"max_norm_error": err, "update_rms": rms / count, "modules": int(round(count))}
         return out
