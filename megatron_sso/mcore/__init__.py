@@ -9,5 +9,11 @@ Nothing heavy is imported here; import the submodule you need:
   optimizer factory (routing, wrapping, chaining); :mod:`.config` -- ``SSOOptimizerConfig``;
 * :mod:`.layouts` -- atomic modules of Megatron's fused weights, as views;
 * :mod:`.sphere_optimizer` -- the torch optimizer Megatron's wrappers hold (checkpointable state);
-* :mod:`.sphere_logging` -- statistics for Megatron's logger / TensorBoard. See docs/megatron.md.
+* :mod:`.sphere_logging` -- statistics for Megatron's logger / TensorBoard. See docs/megatron.md;
+* :mod:`.spectra_factory`, :mod:`.spectra_optimizer`, :mod:`.spectra_logging` -- ``optimizer:
+  adam | signum | ademamix`` with SPECTRA clipping (``spectra_*`` settings, docs/spectra.md);
+* :mod:`.megatron_lm_args`, :mod:`.megatron_lm_hooks`, :mod:`.cpu_mode_megatron_lm` -- the
+  ``--sso-*`` / ``--spectra-*`` flags, the launcher's hooks and CPU glue for Megatron-LM's
+  ``pretrain_gpt.py`` (entry point: ``python -m megatron_sso.megatron_lm``);
+* :mod:`.monitoring` -- opt-in per-iteration metrics (activations, spectral norms, router MaxVio).
 """

@@ -124,9 +124,10 @@ def build_tiny_config(spec: TinyGPTSpec):
     else:
         model = GPTModelProvider(**common)
     dist_opt = spec.use_distributed_optimizer
-    from .config import SPHERE_OPTIMIZERS
+    from .config import SPECTRA_OPTIMIZERS, SPHERE_OPTIMIZERS
 
-    if spec.optimizer in SPHERE_OPTIMIZERS:  # the subclass with the sso_* fields (overridable)
+    spectra = any(o.startswith("optimizer.spectra_") for o in spec.overrides)
+    if spec.optimizer in SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS or spectra:  # the subclass with sso_*/spectra_*
         from .config import SSOOptimizerConfig as OptimizerConfig  # noqa: N814
     cfg = ConfigContainer(
         model=model,

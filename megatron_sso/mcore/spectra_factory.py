@@ -1,0 +1,211 @@
+"""``optimizer: adam | signum | ademamix`` with SPECTRA clipping, through Megatron's factory.
+
+:func:`.factory.install` sends ``optimizer`` values ``signum`` and ``ademamix`` here always, and
+``adam`` only when a SPECTRA clip is on (``spectra_post_clip`` or ``spectra_pre_clip`` set and
+nonzero, :func:`~.config.spectra_enabled`); plain ``adam`` falls through to Megatron untouched.
+
+Routing is SSO's (:func:`.factory.route`, SPEC §3): every 2-D hidden weight goes to
+:class:`~.spectra_optimizer.MegatronSpectra` (the base optimiser plus the clip per atomic
+module, :mod:`.layouts`); word and position embeddings, the output layer, every 1-D parameter
+and the MoE router go to Megatron's own Adam(W), built by the pristine stock factory from the
+same config (its betas, eps, weight decay, scheduler). The SPECTRA members are wrapped as
+Megatron wraps Adam (``FP32Optimizer``, or ``Float16OptimizerWithFloat16Params`` with fp32 main
+params under bf16) and everything is chained in one ``ChainedOptimizer`` on the *same* config
+object, so global grad-norm clipping and the NaN/Inf skip span all members.
+
+Where pre-clipping happens. ``ChainedOptimizer.step`` (megatron-core 0.16.1,
+``megatron/core/optimizer/optimizer.py``) runs ``prepare_grads()`` on every member -- copy of
+the DDP ``main_grad`` into ``param.grad`` (fp32 main grads under bf16), unscaling and the inf
+check --, then ``get_grad_norm()`` and ``clip_grad_by_total_norm_fp32`` over all members, then
+``step_with_ready_grads()``. So ``prepare_grads`` is the last point where the gradients the
+optimizer will use are final (data-parallel reduced, unscaled) but not yet norm-clipped; our
+wrapper subclasses override it and pre-clip there (skipped when an inf/NaN was found: the step
+is skipped anyway). The global norm is then the norm of the pre-clipped gradients, as SPECTRA
+prescribes. A single wrapped optimizer's own ``step()`` (FP32Optimizer/MixedPrecisionOptimizer)
+calls ``prepare_grads`` before ``clip_grad_norm`` too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Optional
+
+from ..optim.ademamix import AdEMAMixConfig
+from ..optim.signum import SignumConfig
+from ..optim.spectra import DEFAULT_CLIP_C, DEFAULT_PRE_CLIP_C, AdamWConfig, SpectraConfig
+from .config import SPECTRA_OPTIMIZERS, spectra_setting
+from .factory import _pristine_factory, _tp_size, route
+from .layouts import param_layout
+from .sphere_optimizer import LAYOUT_ATTR
+from .spectra_optimizer import MegatronSpectra, init_spectra_state
+
+logger = logging.getLogger(__name__)
+
+BASES = {"adam": "adamw", "signum": "signum", "ademamix": "ademamix"}
+"""Megatron ``optimizer`` value -> SPECTRA base optimiser."""
+
+
+def _level(config: Any, name: str) -> Optional[float]:
+    value = spectra_setting(config, name)
+    if value is None or value == 0.0:
+        return None
+    if not value > 0.0 or value == float("inf"):
+        raise ValueError(f"{name} must be null, 0 (off) or a positive finite number, got {value!r}")
+    return value
+
+
+def spectra_configs_from(config: Any) -> tuple[SpectraConfig, Any]:
+    """``(SpectraConfig, base config)`` for a Megatron ``OptimizerConfig``.
+
+    The base config takes ``adam_beta1``, ``adam_beta2``, ``adam_eps`` (AdamW, AdEMAMix) and the
+    ``spectra_signum_*`` / ``spectra_ademamix_*`` settings; its weight decay is a placeholder
+    (each param group's scheduled value is used). Raises ValueError naming the bad key.
+    """
+    mode = getattr(config, "optimizer", None)
+    if mode not in BASES:
+        raise ValueError(f"optimizer={mode!r} has no SPECTRA form; choose one of {sorted(BASES)}")
+    post, pre = _level(config, "spectra_post_clip"), _level(config, "spectra_pre_clip")
+    clip = spectra_setting(config, "spectra_mode")
+    if clip not in ("soft", "hard"):
+        raise ValueError(f"spectra_mode must be 'soft' or 'hard', got {clip!r}")
+    values = {f: spectra_setting(config, f"spectra_{f}")
+              for f in ("clip_steps", "clip_dtype", "shape_scale", "stats_power_iters")}
+    try:
+        cfg = SpectraConfig(base=BASES[mode], clip=clip if post else "none", c=post or DEFAULT_CLIP_C["cosine"],
+                            pre_clip=pre is not None, pre_clip_c=pre or DEFAULT_PRE_CLIP_C, **values)
+    except ValueError as exc:
+        raise ValueError(f"bad SPECTRA setting (optimizer.spectra_<name>): {exc}") from None
+    betas = dict(beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps)
+    try:
+        if mode == "adam":
+            base = AdamWConfig(**betas, weight_decay=0.0)
+        elif mode == "signum":
+            base = SignumConfig(momentum=spectra_setting(config, "spectra_signum_momentum"))
+        else:
+            base = AdEMAMixConfig(**betas, weight_decay=0.0,
+                                  beta3=spectra_setting(config, "spectra_ademamix_beta3"),
+                                  alpha=spectra_setting(config, "spectra_ademamix_alpha"),
+                                  alpha_warmup=spectra_setting(config, "spectra_ademamix_alpha_warmup"),
+                                  beta3_warmup=spectra_setting(config, "spectra_ademamix_beta3_warmup"))
+    except ValueError as exc:
+        raise ValueError(f"optimizer={mode!r}: {exc} (adam_beta1/adam_beta2/adam_eps or spectra_{mode}_*)") from None
+    return cfg, base
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_classes():
+    """FP32 / Float16 Megatron wrappers whose ``prepare_grads`` pre-clips (module docstring)."""
+    from megatron.core.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
+
+    class PreClip:
+        def prepare_grads(self) -> bool:
+            found_inf = super().prepare_grads()
+            if not found_inf and not self.is_stub_optimizer:
+                self.optimizer.pre_clip_gradients_()
+            return found_inf
+
+    class SpectraFP32Optimizer(PreClip, FP32Optimizer):
+        """Megatron's FP32Optimizer, pre-clipping in ``prepare_grads`` (before norm clipping)."""
+
+    class SpectraFloat16Optimizer(PreClip, Float16OptimizerWithFloat16Params):
+        """Megatron's Float16OptimizerWithFloat16Params, pre-clipping the fp32 main grads in
+        ``prepare_grads`` (after unscaling and the inf check, before norm clipping)."""
+
+    return SpectraFP32Optimizer, SpectraFloat16Optimizer
+
+
+def get_spectra_megatron_optimizer(config: Any, model_chunks: list, config_overrides: Optional[dict] = None,
+                                   use_gloo_process_groups: bool = True, pg_collection: Any = None,
+                                   **_ignored: Any):
+    """Build ``ChainedOptimizer([SPECTRA (dense), SPECTRA (expert-parallel, if any), Megatron
+    Adam members...])`` for ``config.optimizer`` in ``adam`` (with a clip on), ``signum``,
+    ``ademamix``.
+
+    Raises ValueError for the distributed optimizer (it cuts matrices into flat slices; the
+    clip needs whole atomic modules), fp16, CPU offload, the precision-aware optimizer,
+    ``decoupled_weight_decay=False`` (SPECTRA's decay is decoupled) or a bad ``spectra_*`` value.
+    """
+    mode = config.optimizer
+    cfg, base_cfg = spectra_configs_from(config)
+    for flag, why in (("use_distributed_optimizer", "cuts matrices into flat slices, but every atomic "
+                       "module must be clipped whole; set use_distributed_optimizer=False"),
+                      ("fp16", "is not supported; use bf16 or fp32"),
+                      ("optimizer_cpu_offload", "is not supported"),
+                      ("use_precision_aware_optimizer", "is not supported (it needs Transformer Engine's Adam)")):
+        if getattr(config, flag, False):
+            raise ValueError(f"optimizer={mode!r} with SPECTRA and {flag}=True: {why}")
+    if not getattr(config, "decoupled_weight_decay", True):
+        raise ValueError(f"optimizer={mode!r} with SPECTRA needs decoupled_weight_decay=True "
+                         "(the clipped step applies W <- (1 - lr wd) W)")
+    from megatron.core.optimizer import ChainedOptimizer, _get_param_groups
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    split_qkv = spectra_setting(config, "spectra_split_qkv")
+    split_glu = spectra_setting(config, "spectra_split_glu")
+    given_pgs = pg_collection  # Megatron refuses gloo groups with a given collection: pass on as given
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    tp_groups = {"dense": pg_collection.tp, "expert": getattr(pg_collection, "expt_tp", None)}
+
+    clipped, other = [], []
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            if not p.requires_grad:
+                continue
+            if route(name, p, router_on_sphere=False) == "adam":
+                other.append(p)
+                continue
+            expert = "experts" in name and "shared_experts" not in name
+            setattr(p, LAYOUT_ATTR, param_layout(name, p, chunk.config,
+                                                 _tp_size(tp_groups["expert" if expert else "dense"]),
+                                                 split_qkv=split_qkv, split_glu=split_glu))
+            clipped.append(p)
+
+    for p in other:  # 1) SPECTRA groups: Megatron's own grouping (lr_mult, wd_mult...) of the matrices
+        p.requires_grad_(False)
+    try:
+        groups = _get_param_groups(model_chunks, config, config_overrides)
+    finally:
+        for p in other:
+            p.requires_grad_(True)
+    fp32_cls, fp16_cls = _wrapper_classes()
+
+    def wrap(param_groups, stats_group):
+        inner = MegatronSpectra(param_groups, cfg, base_cfg, tp_groups)
+        if config.bf16:
+            scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
+            opt = fp16_cls(inner, config, scaler, init_spectra_state)
+            for group in opt.float16_groups:  # fp32 main params carry the layout too
+                for model_param in group:
+                    setattr(model_param.main_param, LAYOUT_ATTR, getattr(model_param, LAYOUT_ATTR))
+        else:
+            opt = fp32_cls(inner, config, init_spectra_state)
+        opt.grad_stats_parallel_group = stats_group
+        opt.tp_group = pg_collection.tp
+        return opt
+
+    members = [wrap([g for g in groups if not g["is_expert_parallel"]], pg_collection.mp)]
+    expert_groups = [g for g in groups if g["is_expert_parallel"]]
+    if expert_groups:
+        members.append(wrap(expert_groups, pg_collection.tp_ep_pp))
+
+    for p in clipped:  # 2) everything else: Megatron's own Adam, same config object
+        p.requires_grad_(False)
+    config.optimizer = "adam"
+    try:
+        adam = _pristine_factory()(config, model_chunks, config_overrides=config_overrides,
+                                   use_gloo_process_groups=use_gloo_process_groups, pg_collection=given_pgs)
+    finally:
+        config.optimizer = mode
+        for p in clipped:
+            p.requires_grad_(True)
+    modules = sum(len(getattr(p, LAYOUT_ATTR).modules) for p in clipped)
+    logger.info("megatron_sso: %s with SPECTRA (clip %s c=%s, pre-clip %s) on %d parameters (%d atomic modules), "
+                "Adam on %d parameters", mode, cfg.clip, cfg.c, cfg.pre_clip_c if cfg.pre_clip else "off",
+                len(clipped), modules, len(other))
+    return ChainedOptimizer(members + list(adam.chained_optimizers))
+
+
+__all__ = ["BASES", "SPECTRA_OPTIMIZERS", "get_spectra_megatron_optimizer", "spectra_configs_from"]
