@@ -30,47 +30,20 @@ import logging
 from typing import Any, Optional
 
 from .config import SPECTRA_OPTIMIZERS, SPHERE_OPTIMIZERS, megatron_setting, spectra_enabled, sphere_config_from
-from .layouts import param_layout
+from .chain import build_chain, route  # noqa: F401  (route: the routing table, re-exported)
 from .dp_shard import dp_groups_of
-from .sphere_optimizer import LAYOUT_ATTR, MegatronSphere, check_cache_fits, init_sphere_state
+from .sphere_optimizer import MegatronSphere, check_cache_fits, init_sphere_state
 
 logger = logging.getLogger(__name__)
 
 CALL_SITES = ("megatron.bridge.training.optim", "megatron.training.training")
 """Modules that import the factory name directly (and so must have it replaced)."""
 
-_EMBEDDING_NAMES = ("word_embeddings.weight", "position_embeddings.weight", "output_layer.weight")
-
-
-def route(name: str, param: Any, router_on_sphere: bool) -> str:
-    """``"sphere"`` or ``"adam"`` for one trainable parameter (the routing table)."""
-    if param.dim() != 2:
-        return "adam"
-    if name.endswith(_EMBEDDING_NAMES) or getattr(param, "is_embedding_or_output_parameter", False):
-        return "adam"
-    if ".router." in f".{name}" and not router_on_sphere:
-        return "adam"
-    return "sphere"
-
-
 def _core_version() -> tuple[int, int]:
     from megatron.core import package_info
 
     major, minor = package_info.__version__.split(".")[:2]
     return int(major), int(minor)
-
-
-def _tp_size(group) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group) if group is not None else 1
-
-
-@functools.lru_cache(maxsize=None)
-def _pristine_factory():
-    import megatron.core.optimizer as mco
-
-    return mco.get_megatron_optimizer
 
 
 def get_sphere_megatron_optimizer(config: Any, model_chunks: list, config_overrides: Optional[dict] = None,
@@ -96,82 +69,29 @@ def get_sphere_megatron_optimizer(config: Any, model_chunks: list, config_overri
         raise ValueError(f"optimizer={mode!r} with fp16=True is not supported; use bf16 or fp32")
     if getattr(config, "optimizer_cpu_offload", False):
         raise ValueError(f"optimizer={mode!r} with optimizer_cpu_offload=True is not supported")
-    from megatron.core.optimizer import (ChainedOptimizer, Float16OptimizerWithFloat16Params,
-                                         FP32Optimizer, _get_param_groups)
-    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    split_qkv = megatron_setting(config, "sso_split_qkv")
-    split_glu = megatron_setting(config, "sso_split_glu")
     router = megatron_setting(config, "sso_router_on_sphere")
     megatron_setting(config, "sso_tp_mode")
-    given_pgs = pg_collection  # Megatron refuses gloo groups with a given collection: pass on as given
-    if pg_collection is None:
-        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-    tp_groups = {"dense": pg_collection.tp, "expert": getattr(pg_collection, "expt_tp", None)}
 
-    sphere, other = [], []
-    for chunk in model_chunks:
-        for name, p in chunk.named_parameters():
-            if not p.requires_grad:
-                continue
-            if route(name, p, router) == "adam":
-                other.append(p)
-                continue
-            expert = "experts" in name and "shared_experts" not in name
-            layout = param_layout(name, p, chunk.config, _tp_size(tp_groups["expert" if expert else "dense"]),
-                                  split_qkv=split_qkv, split_glu=split_glu)
-            check_cache_fits(cfg, layout)
-            setattr(p, LAYOUT_ATTR, layout)
-            sphere.append(p)
-    if megatron_setting(config, "sso_mup_init") and cfg.on_sphere:
-        from .mup_init import spectral_mup_init_modules_
+    def mup_init(matrices, tp_groups):
+        if megatron_setting(config, "sso_mup_init") and cfg.on_sphere:
+            from .mup_init import spectral_mup_init_modules_
 
-        spectral_mup_init_modules_(sphere, cfg, tp_groups)
+            spectral_mup_init_modules_(matrices, cfg, tp_groups)
 
-    for p in other:  # 1) sphere groups: Megatron's own grouping (lr_mult, max/min lr...) of the matrices
-        p.requires_grad_(False)
-    try:
-        groups = _get_param_groups(model_chunks, config, config_overrides)
-    finally:
-        for p in other:
-            p.requires_grad_(True)
+    def make_inner(param_groups, tp_groups, pgs):
+        return MegatronSphere(param_groups, cfg, tp_groups, dp_groups_of(pgs),  # see .dp_shard
+                              dp_shard=megatron_setting(config, "sso_dp_shard"))
 
-    def wrap(param_groups, stats_group):
-        inner = MegatronSphere(param_groups, cfg, tp_groups, dp_groups_of(pg_collection),  # see .dp_shard
-                               dp_shard=megatron_setting(config, "sso_dp_shard"))
-        if config.bf16:
-            scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
-            opt = Float16OptimizerWithFloat16Params(inner, config, scaler, init_sphere_state)
-            for group in opt.float16_groups:  # fp32 main params carry the layout too
-                for model_param in group:
-                    setattr(model_param.main_param, LAYOUT_ATTR, getattr(model_param, LAYOUT_ATTR))
-        else:
-            opt = FP32Optimizer(inner, config, init_sphere_state)
-        opt.grad_stats_parallel_group = stats_group
-        opt.tp_group = pg_collection.tp
-        return opt
-
-    members = [wrap([g for g in groups if not g["is_expert_parallel"]], pg_collection.mp)]
-    expert_groups = [g for g in groups if g["is_expert_parallel"]]
-    if expert_groups:
-        members.append(wrap(expert_groups, pg_collection.tp_ep_pp))
-
-    for p in sphere:  # 2) everything else: Megatron's own Adam, same config object
-        p.requires_grad_(False)
-    config.optimizer = "adam"
-    try:
-        adam = _pristine_factory()(config, model_chunks, config_overrides=config_overrides,
-                                   use_gloo_process_groups=use_gloo_process_groups,
-                                   pg_collection=given_pgs)
-    finally:
-        config.optimizer = mode
-        for p in sphere:
-            p.requires_grad_(True)
-    modules = sum(len(getattr(p, LAYOUT_ATTR).modules) for p in sphere)
+    chain = build_chain(config, model_chunks, router_on_sphere=router,
+                        split_qkv=megatron_setting(config, "sso_split_qkv"),
+                        split_glu=megatron_setting(config, "sso_split_glu"),
+                        make_inner=make_inner, init_state_fn=init_sphere_state,
+                        check_layout=lambda layout: check_cache_fits(cfg, layout),
+                        before_grouping=mup_init, config_overrides=config_overrides,
+                        use_gloo_process_groups=use_gloo_process_groups, pg_collection=pg_collection)
     logger.info("megatron_sso: %s on %d parameters (%d atomic modules), Adam on %d parameters",
-                mode, len(sphere), modules, len(other))
-    return ChainedOptimizer(members + list(adam.chained_optimizers))
+                mode, len(chain.matrices), chain.modules, len(chain.others))
+    return chain.optimizer
 
 
 def _wrap(original, names: tuple[str, ...]):

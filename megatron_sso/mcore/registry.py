@@ -29,8 +29,7 @@ def register_emerging(names: tuple[str, ...]) -> bool:
         return False
     from .config import megatron_setting, sphere_config_from
     from .dp_shard import dp_groups_of
-    from .factory import route
-    from .layouts import param_layout
+    from .chain import assign_layouts
     from .sphere_optimizer import LAYOUT_ATTR, MegatronSphere, check_cache_fits, init_sphere_state
 
     def to_adam(param) -> bool:
@@ -41,17 +40,8 @@ def register_emerging(names: tuple[str, ...]) -> bool:
         cfg = sphere_config_from(config)
         router = megatron_setting(config, "sso_router_on_sphere")
         tp_groups = {"dense": pg_collection.tp, "expert": getattr(pg_collection, "expt_tp", None)}
-        for chunk in model_chunks:
-            for name, p in chunk.named_parameters():
-                if p.requires_grad and route(name, p, router) == "sphere":
-                    expert = "experts" in name and "shared_experts" not in name
-                    group = tp_groups["expert" if expert else "dense"]
-                    tp = group.size() if group is not None else 1
-                    layout = param_layout(name, p, chunk.config, tp,
-                                          split_qkv=megatron_setting(config, "sso_split_qkv"),
-                                          split_glu=megatron_setting(config, "sso_split_glu"))
-                    check_cache_fits(cfg, layout)
-                    setattr(p, LAYOUT_ATTR, layout)
+        assign_layouts(model_chunks, tp_groups, router, megatron_setting(config, "sso_split_qkv"),
+                       megatron_setting(config, "sso_split_glu"), lambda layout: check_cache_fits(cfg, layout))
         return {"cfg": cfg, "tp_groups": tp_groups, "dp_groups": dp_groups_of(pg_collection),
                 "dp_shard": megatron_setting(config, "sso_dp_shard")}
 

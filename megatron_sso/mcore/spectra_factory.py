@@ -4,7 +4,7 @@
 ``adam`` only when a SPECTRA clip is on (``spectra_post_clip`` or ``spectra_pre_clip`` set and
 nonzero, :func:`~.config.spectra_enabled`); plain ``adam`` falls through to Megatron untouched.
 
-Routing is SSO's (:func:`.factory.route`, SPEC §3): every 2-D hidden weight goes to
+Routing is SSO's (:func:`.chain.route`, SPEC §3): every 2-D hidden weight goes to
 :class:`~.spectra_optimizer.MegatronSpectra` (the base optimiser plus the clip per atomic
 module, :mod:`.layouts`); word and position embeddings, the output layer, every 1-D parameter
 and the MoE router go to Megatron's own Adam(W), built by the pristine stock factory from the
@@ -35,9 +35,7 @@ from ..optim.ademamix import AdEMAMixConfig
 from ..optim.signum import SignumConfig
 from ..optim.spectra import DEFAULT_CLIP_C, DEFAULT_PRE_CLIP_C, AdamWConfig, SpectraConfig
 from .config import SPECTRA_OPTIMIZERS, spectra_setting
-from .factory import _pristine_factory, _tp_size, route
-from .layouts import param_layout
-from .sphere_optimizer import LAYOUT_ATTR
+from .chain import build_chain
 from .spectra_optimizer import MegatronSpectra, init_spectra_state
 
 logger = logging.getLogger(__name__)
@@ -138,74 +136,18 @@ def get_spectra_megatron_optimizer(config: Any, model_chunks: list, config_overr
     if not getattr(config, "decoupled_weight_decay", True):
         raise ValueError(f"optimizer={mode!r} with SPECTRA needs decoupled_weight_decay=True "
                          "(the clipped step applies W <- (1 - lr wd) W)")
-    from megatron.core.optimizer import ChainedOptimizer, _get_param_groups
-    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    split_qkv = spectra_setting(config, "spectra_split_qkv")
-    split_glu = spectra_setting(config, "spectra_split_glu")
-    given_pgs = pg_collection  # Megatron refuses gloo groups with a given collection: pass on as given
-    if pg_collection is None:
-        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-    tp_groups = {"dense": pg_collection.tp, "expert": getattr(pg_collection, "expt_tp", None)}
-
-    clipped, other = [], []
-    for chunk in model_chunks:
-        for name, p in chunk.named_parameters():
-            if not p.requires_grad:
-                continue
-            if route(name, p, router_on_sphere=False) == "adam":
-                other.append(p)
-                continue
-            expert = "experts" in name and "shared_experts" not in name
-            setattr(p, LAYOUT_ATTR, param_layout(name, p, chunk.config,
-                                                 _tp_size(tp_groups["expert" if expert else "dense"]),
-                                                 split_qkv=split_qkv, split_glu=split_glu))
-            clipped.append(p)
-
-    for p in other:  # 1) SPECTRA groups: Megatron's own grouping (lr_mult, wd_mult...) of the matrices
-        p.requires_grad_(False)
-    try:
-        groups = _get_param_groups(model_chunks, config, config_overrides)
-    finally:
-        for p in other:
-            p.requires_grad_(True)
     fp32_cls, fp16_cls = _wrapper_classes()
-
-    def wrap(param_groups, stats_group):
-        inner = MegatronSpectra(param_groups, cfg, base_cfg, tp_groups)
-        if config.bf16:
-            scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
-            opt = fp16_cls(inner, config, scaler, init_spectra_state)
-            for group in opt.float16_groups:  # fp32 main params carry the layout too
-                for model_param in group:
-                    setattr(model_param.main_param, LAYOUT_ATTR, getattr(model_param, LAYOUT_ATTR))
-        else:
-            opt = fp32_cls(inner, config, init_spectra_state)
-        opt.grad_stats_parallel_group = stats_group
-        opt.tp_group = pg_collection.tp
-        return opt
-
-    members = [wrap([g for g in groups if not g["is_expert_parallel"]], pg_collection.mp)]
-    expert_groups = [g for g in groups if g["is_expert_parallel"]]
-    if expert_groups:
-        members.append(wrap(expert_groups, pg_collection.tp_ep_pp))
-
-    for p in clipped:  # 2) everything else: Megatron's own Adam, same config object
-        p.requires_grad_(False)
-    config.optimizer = "adam"
-    try:
-        adam = _pristine_factory()(config, model_chunks, config_overrides=config_overrides,
-                                   use_gloo_process_groups=use_gloo_process_groups, pg_collection=given_pgs)
-    finally:
-        config.optimizer = mode
-        for p in clipped:
-            p.requires_grad_(True)
-    modules = sum(len(getattr(p, LAYOUT_ATTR).modules) for p in clipped)
+    chain = build_chain(config, model_chunks, router_on_sphere=False,
+                        split_qkv=spectra_setting(config, "spectra_split_qkv"),
+                        split_glu=spectra_setting(config, "spectra_split_glu"),
+                        make_inner=lambda groups, tp_groups, _: MegatronSpectra(groups, cfg, base_cfg, tp_groups),
+                        init_state_fn=init_spectra_state, wrapper_classes=(fp32_cls, fp16_cls),
+                        config_overrides=config_overrides, use_gloo_process_groups=use_gloo_process_groups,
+                        pg_collection=pg_collection)
     logger.info("megatron_sso: %s with SPECTRA (clip %s c=%s, pre-clip %s) on %d parameters (%d atomic modules), "
                 "Adam on %d parameters", mode, cfg.clip, cfg.c, cfg.pre_clip_c if cfg.pre_clip else "off",
-                len(clipped), modules, len(other))
-    return ChainedOptimizer(members + list(adam.chained_optimizers))
+                len(chain.matrices), chain.modules, len(chain.others))
+    return chain.optimizer
 
 
 __all__ = ["BASES", "SPECTRA_OPTIMIZERS", "get_spectra_megatron_optimizer", "spectra_configs_from"]

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.spectral_clip import spectra_update_scale
+from .sphere_logging import inner_optimizers
 from .sphere_optimizer import LAYOUT_ATTR
 from .spectra_optimizer import MegatronSpectra
 
@@ -27,8 +28,7 @@ logger = logging.getLogger(__name__)
 
 def spectra_optimizers(optimizer: Any) -> list[MegatronSpectra]:
     """The :class:`MegatronSpectra` instances inside a (chained, wrapped) Megatron optimizer."""
-    members = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [m.optimizer for m in members if isinstance(getattr(m, "optimizer", None), MegatronSpectra)]
+    return inner_optimizers(optimizer, MegatronSpectra)
 
 
 def spectra_stats(optimizer: Any) -> dict[str, float]:

@@ -44,16 +44,14 @@ from ..ops.spectral_clip import soft_spectral_clip, spectra_update_scale
 from ..optim.direction_optimizer import run_closure
 from ..optim.spectra import BASE_OPTIMIZERS, SpectraConfig, spectra_clip_update
 from .layouts import AtomicModule, ParamLayout
-from .sphere_optimizer import LAYOUT_ATTR
+from .sphere_optimizer import LAYOUT_ATTR, init_sphere_state
 
 Tensor = torch.Tensor
 
 
-def init_spectra_state(opt: torch.optim.Optimizer, config: Any = None) -> None:
-    """Megatron's ``init_state_fn``: create every state tensor (zeros) before a checkpoint load."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            opt._state_for(p)
+init_spectra_state = init_sphere_state
+"""Megatron's ``init_state_fn`` (zeros for every state tensor before a load): the same contract
+as the sphere optimizer's, through :meth:`MegatronSpectra._state_for`."""
 
 
 class MegatronSpectra(torch.optim.Optimizer):

@@ -23,10 +23,15 @@ from .sphere_optimizer import LAYOUT_ATTR, MegatronSphere
 logger = logging.getLogger(__name__)
 
 
+def inner_optimizers(optimizer: Any, cls: type) -> list:
+    """The torch optimizers of type ``cls`` inside a (chained, wrapped) Megatron optimizer."""
+    members = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [m.optimizer for m in members if isinstance(getattr(m, "optimizer", None), cls)]
+
+
 def sphere_optimizers(optimizer: Any) -> list[MegatronSphere]:
     """The :class:`MegatronSphere` instances inside a (chained, wrapped) Megatron optimizer."""
-    members = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [m.optimizer for m in members if isinstance(getattr(m, "optimizer", None), MegatronSphere)]
+    return inner_optimizers(optimizer, MegatronSphere)
 
 
 def sphere_stats(optimizer: Any) -> dict[str, float]:
