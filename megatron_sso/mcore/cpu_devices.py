@@ -3,8 +3,19 @@
 * :class:`CudaToCpuMode` is a ``TorchFunctionMode`` that sends every torch call naming a
   CUDA device to the CPU, so Megatron's ``device="cuda"``,
   ``device=torch.cuda.current_device()``, ``.cuda()`` and ``.to("cuda")`` work unchanged.
+* :func:`enter_on_this_thread` enters that mode on the calling thread for good, and arranges
+  for a thread other than the main one to leave it as the thread ends (below).
 * :class:`HostStream` and :class:`HostEvent` replace ``torch.cuda.Stream`` / ``Event``:
   on the host every operation is already ordered, so waiting and recording do nothing.
+
+Thread exit: torch keeps a thread's mode stack in C++ thread-local storage, whose destructor
+drops the mode's Python reference *after* the thread's Python state is gone, taking the GIL to
+do so. If the interpreter has started finalising by then, CPython ends that thread inside the
+(noexcept) destructor and the process aborts ("terminate called without an active
+exception"). So a thread other than the main one leaves the mode while its Python state is still
+cleared (:class:`_LeaveAtThreadExit`); the main thread keeps it for good (its thread-locals are
+destroyed after the interpreter, when torch skips the reference drop).
+``tests/megatron/test_cpu_mode_thread_exit.py`` provokes that order.
 
 Nothing here patches anything; :func:`megatron_sso.mcore.cpu_mode.enable_cpu_mode` does.
 """
@@ -12,12 +23,13 @@ Nothing here patches anything; :func:`megatron_sso.mcore.cpu_mode.enable_cpu_mod
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-__all__ = ["CudaToCpuMode", "HostEvent", "HostStream", "to_cpu_device"]
+__all__ = ["CudaToCpuMode", "HostEvent", "HostStream", "enter_on_this_thread", "to_cpu_device"]
 
 _CPU = torch.device("cpu")
 
@@ -121,6 +133,32 @@ class CudaToCpuMode(TorchFunctionMode):
                 tensors, _implicit_grads(tensors, grads), retain_graph, create_graph, inputs,
                 allow_unreachable=True, accumulate_grad=True,
             )
+
+
+class _LeaveAtThreadExit:
+    """Held only by a ``threading.local``: CPython clears a thread's locals on that thread,
+    with the GIL, as the thread ends, so ``__del__`` pops the device mode from the thread's
+    torch-function stack before torch's C++ thread-local destructor could need the GIL (see
+    the module docstring)."""
+
+    def __init__(self, mode: CudaToCpuMode) -> None:
+        self.mode = mode
+
+    def __del__(self) -> None:
+        stack = _get_current_function_mode_stack()
+        if stack and stack[-1] is self.mode:  # never pop a mode pushed after ours
+            self.mode.__exit__(None, None, None)
+
+
+_THREAD = threading.local()
+
+
+def enter_on_this_thread(mode: CudaToCpuMode) -> None:
+    """Enter ``mode`` on the calling thread and leave it active; on a thread other than the
+    main one it is left again as the thread ends (module docstring, "Thread exit")."""
+    mode.__enter__()
+    if threading.current_thread() is not threading.main_thread():
+        _THREAD.leave = _LeaveAtThreadExit(mode)
 
 
 class HostStream(torch.Stream):

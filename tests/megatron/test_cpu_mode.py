@@ -100,11 +100,6 @@ def test_cpu_mode_maps_cuda_calls_to_host():
         t = threading.Thread(target=worker); t.start(); t.join()
         assert seen == [cpu], seen
         print("OK", flush=True)
-        # Skip interpreter teardown: under load, torch's static destructors occasionally abort
-        # ("terminate called without an active exception") after a thread has entered the
-        # device mode. Everything this test checks has run by now; the abort is tracked in
-        # the issue notes, not hidden here by a retry.
-        import os; os._exit(0)
         """
     )
     assert out.strip().endswith("OK")
