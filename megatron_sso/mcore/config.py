@@ -156,6 +156,18 @@ def spectra_enabled(config: Any) -> bool:
     return any(spectra_setting(config, name) for name in ("spectra_post_clip", "spectra_pre_clip"))
 
 
+SPECTRA_REFUSED = (
+    ("use_distributed_optimizer", "Megatron's distributed optimizer cuts matrices into flat slices, but every "
+                                  "atomic module must be clipped whole; turn it off"),
+    ("fp16", "is not supported; use bf16 or fp32"),
+    ("optimizer_cpu_offload", "is not supported"),
+    ("use_precision_aware_optimizer", "is not supported (it needs Transformer Engine's Adam)"),
+)
+"""Settings refused with SPECTRA, and why (same attribute names on an ``OptimizerConfig`` and
+on Megatron-LM's parsed arguments): the factory refuses them for Bridge users, the Megatron-LM
+launcher before ``torch.distributed`` is set up."""
+
+
 def spectra_selected(config: Any) -> bool:
     """Whether SPECTRA's builder handles ``config.optimizer``: ``signum`` and ``ademamix``
     always, ``adam`` only with a clip on (plain ``adam`` is Megatron's own Adam)."""

@@ -29,7 +29,7 @@ import importlib
 import logging
 from typing import Any, Optional
 
-from .config import SPECTRA_OPTIMIZERS, SPHERE_OPTIMIZERS, megatron_setting, spectra_enabled, sphere_config_from
+from .config import SPECTRA_OPTIMIZERS, SPHERE_OPTIMIZERS, megatron_setting, spectra_selected, sphere_config_from
 from .chain import build_chain, route  # noqa: F401  (route: the routing table, re-exported)
 from .dp_shard import dp_groups_of
 from .sphere_optimizer import MegatronSphere, check_cache_fits, init_sphere_state
@@ -104,7 +104,7 @@ def _wrap(original, names: tuple[str, ...]):
         if mode in names and mode in SPHERE_OPTIMIZERS:
             kwargs.pop("layer_wise_distributed_optimizer", None)  # Bridge's muon call site
             return get_sphere_megatron_optimizer(config, model_chunks, *args, **kwargs)
-        if (mode in names and mode in SPECTRA_OPTIMIZERS) or (mode == "adam" and spectra_enabled(config)):
+        if spectra_selected(config) and (mode == "adam" or mode in names):
             from .spectra_factory import get_spectra_megatron_optimizer  # imports this module
 
             kwargs.pop("layer_wise_distributed_optimizer", None)

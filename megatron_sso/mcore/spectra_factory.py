@@ -34,7 +34,7 @@ from typing import Any, Optional
 from ..optim.ademamix import AdEMAMixConfig
 from ..optim.signum import SignumConfig
 from ..optim.spectra import DEFAULT_CLIP_C, DEFAULT_PRE_CLIP_C, AdamWConfig, SpectraConfig
-from .config import SPECTRA_OPTIMIZERS, spectra_setting
+from .config import SPECTRA_OPTIMIZERS, SPECTRA_REFUSED, spectra_setting
 from .chain import build_chain
 from .spectra_optimizer import MegatronSpectra, init_spectra_state
 
@@ -126,11 +126,7 @@ def get_spectra_megatron_optimizer(config: Any, model_chunks: list, config_overr
     """
     mode = config.optimizer
     cfg, base_cfg = spectra_configs_from(config)
-    for flag, why in (("use_distributed_optimizer", "cuts matrices into flat slices, but every atomic "
-                       "module must be clipped whole; set use_distributed_optimizer=False"),
-                      ("fp16", "is not supported; use bf16 or fp32"),
-                      ("optimizer_cpu_offload", "is not supported"),
-                      ("use_precision_aware_optimizer", "is not supported (it needs Transformer Engine's Adam)")):
+    for flag, why in SPECTRA_REFUSED:
         if getattr(config, flag, False):
             raise ValueError(f"optimizer={mode!r} with SPECTRA and {flag}=True: {why}")
     if not getattr(config, "decoupled_weight_decay", True):

@@ -1,0 +1,3 @@
+from megatron_sso.megatron_lm import main
+
+raise SystemExit(main())
