@@ -20,10 +20,11 @@ import time
 def _progress_callback(world_size: int):
     """Prints one line per iteration on the last rank (it is on the last pipeline stage, so
     it holds the loss Megatron reduced over data-parallel ranks): loss, lr, tokens/s and the
-    sphere optimizer's spectral-norm / solver summary."""
+    sphere optimizer's spectral-norm / solver summary, or SPECTRA's clip summary."""
     import torch.distributed as dist
     from megatron.bridge.training.callbacks import Callback
 
+    from ..mcore.spectra_logging import spectra_stats
     from ..mcore.sphere_logging import sphere_stats
 
     class Progress(Callback):
@@ -39,6 +40,7 @@ def _progress_callback(world_size: int):
 
         def on_train_step_end(self, context) -> None:
             stats = sphere_stats(context.optimizer) if context.optimizer is not None else {}
+            spectra = spectra_stats(context.optimizer) if context.optimizer is not None else {}
             if not self._printer():
                 return
             cfg = context.state.cfg
@@ -55,6 +57,12 @@ def _progress_callback(world_size: int):
             if errors:
                 msg += (f"  |W|2/R-1 max {max(errors):.1e}  msign/matrix {stats.get('sso/msign_calls_per_matrix', 0):.1f}"
                         f"  max|h| {stats.get('sso/max_abs_h', 0):.1e}  max|lambda| {stats.get('sso/max_abs_lambda', 0):.1e}")
+            if spectra:
+                msg += (f"  spectra clipped {spectra.get('spectra/num_clipped', 0)}/{spectra['spectra/num_matrices']}"
+                        f"  |D|2 max {spectra.get('spectra/max_sigma_pre', 0):.3g}"
+                        f"  |dW/lr|2 max {spectra.get('spectra/max_sigma_post', 0):.3g}")
+                if spectra.get("spectra/pre_clipped"):
+                    msg += f"  pre-clipped {spectra['spectra/pre_clipped']}"
             if context.skipped_iter:
                 msg += "  (skipped)"
             print(msg, flush=True)
@@ -96,11 +104,13 @@ def run_rank(job: dict) -> int:
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 
+    from ..mcore.spectra_logging import spectra_logging_callback
     from ..mcore.sphere_logging import sphere_logging_callback
 
     from ..mcore.monitoring import callbacks_from_env  # MEGATRON_SSO_MONITOR=path.jsonl; off by default
 
     pretrain(cfg, forward_step, callbacks=[_progress_callback(world), sphere_logging_callback(),
+                                           spectra_logging_callback(),
                                            *callbacks_from_env()])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -130,7 +140,7 @@ def run_local(job: dict, world_size: int, timeout_s: float | None = None) -> int
                              join=False, start_method="forkserver")
     deadline = time.perf_counter() + timeout_s if timeout_s else None
     try:
-        join_ranks(ctx, deadline, f"stopped after --timeout {timeout_s:.0f} s")
+        join_ranks(ctx, deadline, f"stopped after --timeout {timeout_s:.0f} s" if timeout_s else "")
     except Exception as exc:
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         print(f"megatron-sso pretrain: a rank failed: {lines[-1] if lines else exc}", file=sys.stderr, flush=True)

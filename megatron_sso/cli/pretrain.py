@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .recipe import OPTIMIZERS, RecipeError, build_config, read_recipe
+from .recipe import OPTIMIZERS, RecipeError, build_config, monitor_settings, read_recipe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +35,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=None, help="local ranks (gloo on CPU) when not under torchrun")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--timeout", type=float, default=None, help="seconds before --nproc ranks are stopped")
+    p.add_argument("--spectra-post-clip", type=float, default=None, metavar="C",
+                   help="SPECTRA (adam, signum, ademamix): clip each 2-D hidden atomic module's update at "
+                        "spectral level C (optimizer.spectra_post_clip; paper: 5 cosine, 10 WSD; 0: off)")
+    p.add_argument("--spectra-pre-clip", type=float, default=None, metavar="C",
+                   help="SPECTRA: soft-clip raw 2-D gradients at C before global-norm clipping "
+                        "(optimizer.spectra_pre_clip; paper: 0.1; 0: off)")
+    p.add_argument("--spectra-mode", choices=("soft", "hard"), default=None,
+                   help="SPECTRA post-clip: soft sigma/sqrt(1+sigma^2/C^2) or hard min(sigma, C) "
+                        "(optimizer.spectra_mode)")
     p.add_argument("overrides", nargs="*", help="dotted Bridge keys, e.g. train.train_iters=50")
+
+
+SPECTRA_FLAGS = {"spectra_post_clip": "optimizer.spectra_post_clip", "spectra_pre_clip": "optimizer.spectra_pre_clip",
+                 "spectra_mode": "optimizer.spectra_mode"}
+"""``--spectra-*`` shorthands and the recipe keys they set (before the dotted overrides, like
+``--optimizer``)."""
+
+
+def _overrides(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``--spectra-*`` flags as dotted overrides, then the user's own overrides."""
+    flags = tuple(f"{key}={getattr(args, attr)}" for attr, key in SPECTRA_FLAGS.items()
+                  if getattr(args, attr, None) is not None)
+    return flags + tuple(args.overrides)
 
 
 def _under_torchrun() -> bool:
@@ -120,7 +142,8 @@ def _check_gpus() -> None:
 
 def describe(cfg, lay: dict, path: str) -> str:
     """The ``--dry-run`` report: model size, layout, optimizer, schedule, data."""
-    from ..mcore.config import MEGATRON_SETTINGS
+    from ..mcore.config import (MEGATRON_SETTINGS, SPECTRA_OPTIMIZERS, SPECTRA_SETTINGS, SPHERE_OPTIMIZERS,
+                                spectra_enabled)
     from ..optim.config import SphereConfig
     from .model_size import count_parameters
 
@@ -150,9 +173,11 @@ def describe(cfg, lay: dict, path: str) -> str:
         f"{s.lr_decay_style}; AdamW part: betas ({o.adam_beta1}, {o.adam_beta2}) eps {o.adam_eps:g} wd "
         f"{o.weight_decay:g}; clip_grad {o.clip_grad}; distributed optimizer {o.use_distributed_optimizer}",
     ]
-    if o.optimizer != "adam":
+    if o.optimizer in SPHERE_OPTIMIZERS:
         names = [f"sso_{n}" for n in SphereConfig.field_names() if n != "mode"] + list(MEGATRON_SETTINGS)
         lines.append("sso: " + " ".join(f"{n[4:]}={getattr(o, n)}" for n in names))
+    if o.optimizer in SPECTRA_OPTIMIZERS or spectra_enabled(o):
+        lines.append("spectra: " + " ".join(f"{n[8:]}={getattr(o, n)}" for n in SPECTRA_SETTINGS))
     ds = cfg.dataset
     data = "mock (random tokens)" if ds.mock else f"blend {ds.blend} split {ds.split}"
     lines.append(f"data: {data}; tokenizer {cfg.tokenizer.tokenizer_type} vocab {cfg.tokenizer.vocab_size}")
@@ -162,6 +187,7 @@ def describe(cfg, lay: dict, path: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     read_recipe(args.config)  # missing / malformed file: fail before importing Megatron
+    monitor = monitor_settings(args.config, tuple(args.overrides))  # likewise a bad monitor.* key
     if args.optimizer is not None and args.optimizer not in OPTIMIZERS:
         raise RecipeError(f"unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if args.nproc is not None and (args.nproc < 1 or _under_torchrun()):
@@ -170,14 +196,21 @@ def run(args: argparse.Namespace) -> int:
     from ..mcore.cpu_mode import enable_cpu_mode
 
     enable_cpu_mode()
-    cfg = build_config(args.config, args.optimizer, tuple(args.overrides), args.data_path)
+    overrides = _overrides(args)
+    cfg = build_config(args.config, args.optimizer, overrides, args.data_path)
     lay = layout(cfg, world if world or args.dry_run else 1)  # dry run: the smallest layout
     if args.dry_run:
         print(describe(cfg, lay, args.config), flush=True)
+        if monitor:
+            print("monitor: " + " ".join(f"{k}={v}" for k, v in monitor.items()), flush=True)
         return 0
+    if monitor:  # the recipe's monitor section wins over MEGATRON_SSO_MONITOR*; ranks inherit it
+        from ..mcore.monitoring import monitor_environment
+
+        os.environ.update(monitor_environment(**{**monitor, "path": os.path.abspath(monitor["path"])}))
     _check_gpus()
     _check_data(cfg)
-    job = dict(config=args.config, optimizer=args.optimizer, overrides=tuple(args.overrides),
+    job = dict(config=args.config, optimizer=args.optimizer, overrides=overrides,
                data_path=args.data_path)
     from . import launch
 

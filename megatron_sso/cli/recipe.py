@@ -2,7 +2,8 @@
 
 A recipe's keys map 1:1 onto the fields of Bridge's ``ConfigContainer``: ``model.*`` (a
 Qwen3-style ``GPTModelProvider``), ``train.*``, ``optimizer.*`` (Bridge's ``OptimizerConfig``
-plus every ``sso_*`` field of :class:`~megatron_sso.mcore.config.SSOOptimizerConfig`),
+plus every ``sso_*`` and ``spectra_*`` field of
+:class:`~megatron_sso.mcore.config.SSOOptimizerConfig`),
 ``scheduler.*``, ``dataset.*``, ``tokenizer.*``, ``checkpoint.*``, ``logger.*``, ``ddp.*``,
 ``rng.*``, ``dist.*``... Overrides use the same dotted keys (``train.train_iters=50``).
 
@@ -29,8 +30,10 @@ from typing import Any
 
 import yaml
 
-OPTIMIZERS = ("sso", "muon_sphere", "muon", "adam")
-"""Values of ``--optimizer`` / ``optimizer.optimizer`` this launcher accepts."""
+OPTIMIZERS = ("sso", "muon_sphere", "muon", "adam", "signum", "ademamix")
+"""Values of ``--optimizer`` / ``optimizer.optimizer`` this launcher accepts. ``signum`` and
+``ademamix`` (and ``adam`` with ``optimizer.spectra_post_clip`` / ``spectra_pre_clip`` set) run
+SPECTRA (``megatron_sso.mcore.spectra_factory``)."""
 
 BYTE_VOCAB = 257
 """The byte-level tokenizer of ``prepare-data``: ids 0-255 are bytes, 256 is end-of-document."""
@@ -229,7 +232,6 @@ def base_config():
     wd 0.1 for embeddings, norms, output; no decay on the sphere), byte-level data. On a
     machine without CUDA: local (non-TE) layers, no fused kernels, gloo."""
     import torch
-    from megatron.bridge.models.gpt_provider import local_layer_spec
     from megatron.bridge.models.qwen.qwen_provider import Qwen3ModelProvider
     from megatron.bridge.training.config import (CheckpointConfig, ConfigContainer,
                                                  DistributedDataParallelConfig, DistributedInitConfig,
@@ -238,11 +240,14 @@ def base_config():
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
 
     from ..mcore.config import SSOOptimizerConfig
+    from ..mcore.layer_specs import layer_spec
 
-    model_kw: dict[str, Any] = dict(vocab_size=None, make_vocab_size_divisible_by=128)
+    # layer_spec: Bridge's, except that an MoE model gets its dense layers (moe_layer_freq)
+    model_kw: dict[str, Any] = dict(vocab_size=None, make_vocab_size_divisible_by=128,
+                                    transformer_layer_spec=layer_spec)
     if not torch.cuda.is_available():
         model_kw.update(
-            transformer_layer_spec=local_layer_spec, transformer_impl="local",
+            transformer_impl="local",
             masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
             apply_rope_fusion=False, gradient_accumulation_fusion=False,
             cross_entropy_loss_fusion=False, persist_layer_norm=False,
@@ -270,16 +275,69 @@ def base_config():
     )
 
 
+MONITOR = "monitor"
+"""The recipe section (and ``monitor.*`` overrides) that switches on the training monitor of
+:mod:`megatron_sso.mcore.monitoring`; it is not a Bridge ``ConfigContainer`` field."""
+
+MONITOR_KEYS = {"path": "a JSON-lines output file", "interval": "steps between snapshots, >= 1",
+                "activations": "true/false: activation RMS and max-abs",
+                "router": "true/false: MoE router MaxVio"}
+
+
+def monitor_settings(path: str | Path, overrides: tuple[str, ...] = ()) -> dict | None:
+    """The recipe's ``monitor:`` section with ``monitor.*`` overrides applied and checked:
+    ``{"path", "interval", "activations", "router"}`` (defaults 10, true, true), or None when
+    there is no ``monitor.path`` (the monitor stays off). Unknown keys and wrong types are
+    RecipeErrors naming the key and where it came from."""
+    section = read_recipe(path).get(MONITOR)
+    if section is not None and not isinstance(section, dict):
+        raise RecipeError(f"{path}: '{MONITOR}' must be a mapping with keys {', '.join(MONITOR_KEYS)}, "
+                          f"got {section!r}")
+    items = [(k, v, str(path)) for k, v in (section or {}).items()]
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".", 1)[0] == MONITOR:
+            items.append((key.split(".", 1)[1], value, f"override '{text}'"))
+    out: dict[str, Any] = {"path": None, "interval": 10, "activations": True, "router": True}
+    for key, value, source in items:
+        if key not in MONITOR_KEYS:
+            raise RecipeError(f"{source}: unknown key '{MONITOR}.{key}' (known: {', '.join(MONITOR_KEYS)})")
+        ok = {"path": value is None or (isinstance(value, str) and value.strip() != ""),
+              "interval": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+              "activations": isinstance(value, bool), "router": isinstance(value, bool)}[key]
+        if not ok:
+            raise RecipeError(f"{source}: {MONITOR}.{key}: expected {MONITOR_KEYS[key]}, got {value!r}")
+        out[key] = value
+    return out if out["path"] else None
+
+
+def _check_spectra(o: Any, path: str | Path) -> None:
+    """The ``spectra_*`` values make a valid SPECTRA setup for ``o.optimizer`` (checked here so
+    that a bad one fails before any rank starts); a clip set for an optimizer that has no
+    SPECTRA form (``sso``...) is an error rather than silently ignored. The rule is
+    :func:`~megatron_sso.mcore.config.check_spectra`, shared with the Megatron-LM flags."""
+    from ..mcore.config import check_spectra
+
+    try:
+        check_spectra(o)
+    except ValueError as exc:
+        raise RecipeError(f"{path}: optimizer: {exc}") from None
+
+
 def build_config(path: str | Path, optimizer: str | None = None, overrides: tuple[str, ...] = (),
                  data_path: str | None = None):
     """The resolved ``ConfigContainer``: defaults, then the recipe, then ``--optimizer``,
     ``--data-path`` and the dotted overrides, in that order. ``dataset.seq_length`` follows
     ``model.seq_length`` unless given; ``optimizer.bf16`` follows ``model.bf16`` likewise."""
     data = read_recipe(path)
+    monitor_settings(path, overrides)  # checked here too; applied by ``pretrain`` (environment)
+    overrides = tuple(t for t in overrides if parse_override(t)[0].split(".", 1)[0] != MONITOR)
     cfg = base_config()
     given: set[str] = set()
 
     for section, value in data.items():
+        if section == MONITOR:
+            continue
         if not isinstance(value, dict):
             set_key(cfg, str(section), value, str(path))
             given.add(str(section))
@@ -298,6 +356,7 @@ def build_config(path: str | Path, optimizer: str | None = None, overrides: tupl
         given.add(key)
     if cfg.optimizer.optimizer not in OPTIMIZERS:
         raise RecipeError(f"unknown optimizer {cfg.optimizer.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    _check_spectra(cfg.optimizer, path)
     if "dataset.seq_length" not in given:
         cfg.dataset.seq_length = cfg.model.seq_length
     if "optimizer.bf16" not in given:

@@ -83,7 +83,7 @@ def build_tiny_config(spec: TinyGPTSpec):
     On a CPU call :func:`~megatron_sso.mcore.cpu_mode.enable_cpu_mode` before this.
     """
     import torch
-    from megatron.bridge.models.gpt_provider import GPTModelProvider, local_layer_spec
+    from megatron.bridge.models.gpt_provider import GPTModelProvider
     from megatron.bridge.models.qwen.qwen_provider import Qwen3ModelProvider
     from megatron.bridge.training.config import (
         CheckpointConfig,
@@ -99,6 +99,8 @@ def build_tiny_config(spec: TinyGPTSpec):
     )
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
 
+    from .layer_specs import layer_spec
+
     no_fusions = dict(
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -112,7 +114,7 @@ def build_tiny_config(spec: TinyGPTSpec):
         tensor_model_parallel_size=spec.tensor_parallel,
         pipeline_model_parallel_size=spec.pipeline_parallel,
         pipeline_dtype=torch.float32 if spec.pipeline_parallel > 1 else None,
-        transformer_layer_spec=local_layer_spec, transformer_impl="local",
+        transformer_layer_spec=layer_spec, transformer_impl="local",
         bf16=False, fp16=False, params_dtype=torch.float32, autocast_dtype=torch.float32,
         **no_fusions,
     )

@@ -15,14 +15,23 @@ module reads the model itself:
 * with ``activations`` on: RMS and max-abs of each attention and MLP block's output, from
   forward hooks that accumulate device tensors (no host sync inside the forward pass) and are
   read once per monitored step;
+* with ``router`` on (MoE models): each MoE layer's router *MaxVio* on monitored steps,
+  ``(max_i load_i - mean_i load_i) / mean_i load_i`` over the experts, where ``load_i`` is the
+  number of token-to-expert assignments the router made to expert ``i`` in that iteration
+  (all micro-batches; the maximal-violation measure of the paper's MoE results, SPEC §7).
+  It is 0 for perfect balance and at most ``E / k - 1`` (``E`` experts, top-``k``: one expert
+  can take at most every token once);
 * training loss every step and validation loss at every Bridge evaluation.
 
 Off by default and free when off: nothing is registered unless :func:`callbacks_from_env`
 finds ``MEGATRON_SSO_MONITOR`` (a JSON-lines output path) in the environment, which
-``megatron-sso pretrain`` honours, so any recipe / CLI run can be monitored without a new key.
-``MEGATRON_SSO_MONITOR_INTERVAL`` (default 10) and ``MEGATRON_SSO_MONITOR_ACTIVATIONS`` (0/1,
-default 1) tune it. Only the last rank writes (it holds the reduced loss); the spectral
-numbers are those of its own model chunk (single-process runs: the whole model).
+``megatron-sso pretrain`` honours -- and sets itself from a recipe's ``monitor:`` section
+(``path``, ``interval``, ``activations``, ``router``; ``megatron_sso.cli.recipe``).
+``MEGATRON_SSO_MONITOR_INTERVAL`` (default 10), ``MEGATRON_SSO_MONITOR_ACTIVATIONS`` and
+``MEGATRON_SSO_MONITOR_ROUTER`` (0/1, default 1) tune it. Only the last rank writes (it holds
+the reduced loss); the spectral and activation numbers are those of its own model chunk
+(single-process runs: the whole model), the router loads are summed over the router's
+tensor x data x context-parallel group first, so MaxVio is that of the global batch.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import torch
 ENV_PATH = "MEGATRON_SSO_MONITOR"
 ENV_INTERVAL = "MEGATRON_SSO_MONITOR_INTERVAL"
 ENV_ACTIVATIONS = "MEGATRON_SSO_MONITOR_ACTIVATIONS"
+ENV_ROUTER = "MEGATRON_SSO_MONITOR_ROUTER"
 
 
 def _unwrap(model_chunk: Any) -> Any:
@@ -128,10 +138,76 @@ class ActivationHooks:
         self.handles.clear()
 
 
-def monitoring_callback(path: str, interval: int = 10, activations: bool = True):
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio of one layer: ``(max_i load_i - mean load) / mean load`` over the experts' loads
+    (token-to-expert assignment counts); NaN when no token was routed."""
+    load = load.double()
+    mean = load.mean()
+    return float((load.max() - mean) / mean) if float(mean) > 0 else float("nan")
+
+
+class RouterHooks:
+    """Forward hooks on every MoE router (Megatron's ``Router``, whose forward returns
+    ``(probs, routing_map)``, ``routing_map`` a ``[tokens, experts]`` boolean mask after any
+    capacity dropping): per-expert assignment counts summed over the monitored iteration's
+    training forwards, kept on the device until :meth:`read`.
+
+    The router is hooked rather than the token dispatcher because every dispatcher
+    (allgather, alltoall, flex) consumes the same ``routing_map``, and the router is where
+    Megatron itself counts loads for its balancing losses. A recomputed forward (activation
+    recomputation) counts every token twice, which MaxVio, a ratio, does not see."""
+
+    def __init__(self, model: list) -> None:
+        from megatron.core.transformer.moe.router import Router
+
+        self.routers: list[tuple[str, Any]] = []
+        self.acc: dict[str, torch.Tensor] = {}
+        self.active = False
+        self.handles = []
+        for c, chunk in enumerate(model):
+            for name, mod in _unwrap(chunk).named_modules():
+                if isinstance(mod, Router):
+                    key = name.split("decoder.layers.")[-1].split(".")[0] if "decoder.layers." in name else name
+                    key = f"{c}/{key}" if len(model) > 1 else key  # virtual pipeline chunks
+                    self.routers.append((key, mod))
+                    self.handles.append(mod.register_forward_hook(self._hook(key)))
+
+    def _hook(self, key: str):
+        def hook(module, inputs, output):
+            if not self.active or not module.training:
+                return
+            counts = output[1].detach().sum(dim=0)
+            self.acc[key] = self.acc[key] + counts if key in self.acc else counts
+        return hook
+
+    def read(self) -> dict[str, float]:
+        """``maxvio/<layer>`` for every router since the last read; resets. Every rank of the
+        routers' tensor x data x context-parallel group must call it on the same step (it
+        all-reduces the counts so that MaxVio is the global batch's)."""
+        if not self.routers:
+            return {}
+        first = self.routers[0][1]
+        zeros = torch.zeros(first.config.num_moe_experts, dtype=torch.float64, device=first.weight.device)
+        loads = torch.stack([self.acc[k].to(torch.float64) if k in self.acc else zeros for k, _ in self.routers])
+        group = getattr(self.routers[0][1], "tp_dp_cp_group", None)
+        if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(loads, group=group)
+        self.acc.clear()
+        return {f"maxvio/{key}": max_violation(load) for (key, _), load in zip(self.routers, loads)}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def monitoring_callback(path: str, interval: int = 10, activations: bool = True, router: bool = True):
     """A Megatron-Bridge ``Callback`` writing one JSON line per event to ``path``:
-    ``{"kind": "train", "step", "loss", "lr", "step_s", "tokens", ...monitored values}`` and
-    ``{"kind": "val", "step", "loss"}``."""
+    ``{"kind": "train", "step", "loss", "lr", "step_s", "step_cpu_s", "tokens", ...monitored values}``
+    (``step_cpu_s``: this process's CPU seconds, all threads -- less sensitive than wall time to
+    other jobs on a shared machine) and
+    ``{"kind": "val", "step", "loss"}``. ``router``: MaxVio of MoE routers (nothing on a dense
+    model)."""
     import torch.distributed as dist
     from megatron.bridge.training.callbacks import Callback
 
@@ -141,8 +217,10 @@ def monitoring_callback(path: str, interval: int = 10, activations: bool = True)
         def __init__(self) -> None:
             self.file = None
             self.hooks: Optional[ActivationHooks] = None
+            self.routers: Optional[RouterHooks] = None
             self.before: dict[str, torch.Tensor] = {}
-            self.t0 = 0.0
+            self.t0 = self.c0 = 0.0
+            self.monitored = False
 
         def _writer(self) -> bool:
             return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
@@ -157,18 +235,21 @@ def monitoring_callback(path: str, interval: int = 10, activations: bool = True)
                 self.file = open(path, "a", encoding="utf-8")
             if activations:
                 self.hooks = ActivationHooks(context.model)
+            if router:
+                self.routers = RouterHooks(context.model)
 
         @staticmethod
         def _step(context) -> int:
             return int(context.state.train_state.step) + 1  # incremented after the callbacks
 
         def on_train_step_start(self, context) -> None:
-            self.t0 = time.perf_counter()
-            monitored = self._step(context) % interval == 0 or self._step(context) == 1
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+            self.monitored = monitored = self._step(context) % interval == 0 or self._step(context) == 1
             if monitored:
                 self.before = {n: p.detach().float().clone() for n, p in _matrices(context.model)}
-            if self.hooks is not None:
-                self.hooks.active = monitored
+            for hooks in (self.hooks, self.routers):
+                if hooks is not None:
+                    hooks.active = monitored
 
         def on_train_step_end(self, context) -> None:
             step = self._step(context)
@@ -177,13 +258,15 @@ def monitoring_callback(path: str, interval: int = 10, activations: bool = True)
             groups = getattr(context.optimizer, "param_groups", None) or []
             rec = {"kind": "train", "step": step, "loss": float(loss) if loss is not None else float("nan"),
                    "lr": max((g["lr"] for g in groups), default=float("nan")),
-                   "step_s": time.perf_counter() - self.t0,
+                   "step_s": time.perf_counter() - self.t0, "step_cpu_s": time.process_time() - self.c0,
                    "tokens": step * cfg.train.global_batch_size * cfg.model.seq_length}
-            if self.before:
+            if self.monitored:
+                self.monitored = False
                 rec.update(self._update_rms(context.model))
                 rec.update(spectral_snapshot(context.model))
-                if self.hooks is not None:
-                    rec.update(self.hooks.read())
+                for hooks in (self.hooks, self.routers):
+                    if hooks is not None:
+                        rec.update(hooks.read())
                 self.before = {}
             self._emit(rec)
 
@@ -204,8 +287,9 @@ def monitoring_callback(path: str, interval: int = 10, activations: bool = True)
                             "loss": float(losses["lm loss"])})
 
         def on_train_end(self, context) -> None:
-            if self.hooks is not None:
-                self.hooks.remove()
+            for hooks in (self.hooks, self.routers):
+                if hooks is not None:
+                    hooks.remove()
             if self.file is not None:
                 self.file.close()
                 self.file = None
@@ -213,10 +297,20 @@ def monitoring_callback(path: str, interval: int = 10, activations: bool = True)
     return Monitoring()
 
 
+def monitor_environment(path: str, interval: int = 10, activations: bool = True, router: bool = True) -> dict:
+    """The environment variables that switch the monitor on in every rank started afterwards
+    (how ``megatron-sso pretrain`` applies a recipe's ``monitor:`` section)."""
+    return {ENV_PATH: str(path), ENV_INTERVAL: str(int(interval)),
+            ENV_ACTIVATIONS: "1" if activations else "0", ENV_ROUTER: "1" if router else "0"}
+
+
 def callbacks_from_env() -> list:
     """``[monitoring_callback(...)]`` when ``MEGATRON_SSO_MONITOR`` names an output file, else ``[]``."""
     path = os.environ.get(ENV_PATH)
     if not path:
         return []
-    return [monitoring_callback(path, int(os.environ.get(ENV_INTERVAL, "10")),
-                                os.environ.get(ENV_ACTIVATIONS, "1") not in ("0", "false", ""))]
+    def flag(name: str) -> bool:
+        return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off", "")
+
+    return [monitoring_callback(path, int(os.environ.get(ENV_INTERVAL, "10")), flag(ENV_ACTIVATIONS),
+                                flag(ENV_ROUTER))]

@@ -29,6 +29,25 @@ pytestmark = [needs(*MEGATRON),
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
+def pretrain_cases(cases: dict[str, list[str]]) -> dict[str, dict]:
+    """Run ``megatron-sso pretrain <argv>`` for every case in ONE fresh interpreter (imports are
+    the cost); returns ``{name: {rc, stdout, stderr}}``."""
+    code = textwrap.dedent(f"""
+        import contextlib, io, json
+        from megatron_sso.cli.main import main
+        out = {{}}
+        for name, argv in {cases!r}.items():
+            o, e = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+                rc = main(["pretrain", *argv])
+            out[name] = dict(rc=rc, stdout=o.getvalue(), stderr=e.getvalue())
+        print("RESULT" + json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=ROOT, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megatron_sso", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=ENV)
@@ -62,20 +81,7 @@ def calls(tmp_path_factory) -> dict:
         "no_data": ["--config", "configs/tiny_dense_cpu.yaml", "--data-path", str(tmp / "nothing")],
         "gpus": ["--config", "configs/deepnet_200.yaml"],
     }
-    code = textwrap.dedent(f"""
-        import contextlib, io, json, sys
-        from megatron_sso.cli.main import main
-        out = {{}}
-        for name, argv in {cases!r}.items():
-            o, e = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-                rc = main(["pretrain", *argv])
-            out[name] = dict(rc=rc, stdout=o.getvalue(), stderr=e.getvalue())
-        print("RESULT" + json.dumps(out))
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=ROOT, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.split("RESULT", 1)[1])
+    return pretrain_cases(cases)
 
 
 def _count(out: str, what: str) -> int:

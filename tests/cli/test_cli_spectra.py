@@ -5,16 +5,12 @@ in ``tests/megatron/test_spectra_pretrain.py``; here: the command line reaches t
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-from tests.cli.test_cli_megatron import ENV, ROOT, _cli, _losses
+from tests.cli.test_cli_megatron import _cli, _losses, pretrain_cases
 from tests.needs import MEGATRON, needs
 
 pytestmark = [needs(*MEGATRON), pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU runs"),
@@ -35,20 +31,7 @@ def calls() -> dict:
         "mode": ["--config", TINY, "--dry-run", "--optimizer", "ademamix", "optimizer.spectra_mode=medium"],
         "sso_with_clip": ["--config", TINY, "--dry-run", "--spectra-post-clip", "5"],
     }
-    code = textwrap.dedent(f"""
-        import contextlib, io, json
-        from megatron_sso.cli.main import main
-        out = {{}}
-        for name, argv in {cases!r}.items():
-            o, e = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-                rc = main(["pretrain", *argv])
-            out[name] = dict(rc=rc, stdout=o.getvalue(), stderr=e.getvalue())
-        print("RESULT" + json.dumps(out))
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=ROOT, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.split("RESULT", 1)[1])
+    return pretrain_cases(cases)
 
 
 def test_flags_and_keys_reach_the_config(calls):
