@@ -179,4 +179,4 @@ class ShardDomain:
 
 def cache_rows(cfg: SphereConfig, mod: AtomicModule) -> int:
     """Rows of a module's packed cache that hold data: the cached block, lambda and slope."""
-    return max(1, min(cfg.power_block, *mod.full_shape)) + 2
+    return max(1, min(cfg.power_block, *mod.full_shape, mod.local_shape[0] - 2)) + 2  # cache_block + 2

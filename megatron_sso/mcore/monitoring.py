@@ -92,6 +92,30 @@ def spectral_snapshot(model: list, split: bool = True) -> dict[str, float]:
     return out
 
 
+_NORM_GAINS = (("input_layernorm.weight", "attn"), ("linear_qkv.layer_norm_weight", "attn"),
+               ("pre_mlp_layernorm.weight", "mlp"), ("linear_fc1.layer_norm_weight", "mlp"))
+"""Pre-attention / pre-MLP norm gains, local and Transformer-Engine (fused) names."""
+
+
+@torch.no_grad()
+def norm_gains(model: list) -> dict[str, float]:
+    """``norm_gain/<layer>.<attn|mlp>``: RMS of the gain of the norm in front of each block.
+
+    A sphere bounds ``||W||_2``, not these 1-D gains (AdamW's, with every optimizer), and a block's
+    output scales with them -- a SwiGLU MLP's quadratically -- so activation growth under SSO is
+    read against them."""
+    out = {}
+    for chunk in model:
+        for name, p in _unwrap(chunk).named_parameters():
+            if "decoder.layers." not in name:
+                continue
+            for suffix, block in _NORM_GAINS:
+                if name.endswith(suffix):
+                    layer = name.split("decoder.layers.")[-1].split(".")[0]
+                    out[f"norm_gain/{layer}.{block}"] = float(p.detach().float().square().mean().sqrt())
+    return out
+
+
 class ActivationHooks:
     """Forward hooks on every ``self_attention`` and ``mlp`` block: running sum of squares,
     element count and max-abs of the block output, kept on the device until :meth:`read`."""
@@ -264,6 +288,7 @@ def monitoring_callback(path: str, interval: int = 10, activations: bool = True,
                 self.monitored = False
                 rec.update(self._update_rms(context.model))
                 rec.update(spectral_snapshot(context.model))
+                rec.update(norm_gains(context.model))
                 for hooks in (self.hooks, self.routers):
                     if hooks is not None:
                         rec.update(hooks.read())

@@ -45,6 +45,7 @@ from ..optim.direction_optimizer import run_closure
 from ..optim.spectra import BASE_OPTIMIZERS, SpectraConfig, spectra_clip_update
 from .layouts import AtomicModule, ParamLayout
 from .sphere_optimizer import LAYOUT_ATTR, init_sphere_state
+from .tp_modules import ModuleGatherMixin
 
 Tensor = torch.Tensor
 
@@ -54,7 +55,7 @@ init_spectra_state = init_sphere_state
 as the sphere optimizer's, through :meth:`MegatronSpectra._state_for`."""
 
 
-class MegatronSpectra(torch.optim.Optimizer):
+class MegatronSpectra(ModuleGatherMixin, torch.optim.Optimizer):
     """A base optimiser with SPECTRA clipping over the atomic modules of Megatron parameters.
 
     Args:
@@ -90,9 +91,6 @@ class MegatronSpectra(torch.optim.Optimizer):
         return state
 
     # ------------------------------------------------------------------ TP
-    def _group_of(self, layout: ParamLayout):
-        return self.tp_groups.get("expert" if layout.expert else "dense")
-
     def _allreduce(self, layout: ParamLayout) -> Callable[[Tensor], Tensor]:
         group = self._group_of(layout)
 
@@ -102,22 +100,6 @@ class MegatronSpectra(torch.optim.Optimizer):
 
         return reduce
 
-    def gather(self, local: Tensor, mod: AtomicModule, layout: ParamLayout) -> Tensor:
-        """All-gather a stacked ``(B, m_l, n_l)`` batch of shards into full modules."""
-        if mod.tp_dim is None:
-            return local
-        group = self._group_of(layout)
-        size = dist.get_world_size(group)
-        pieces = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(pieces, local.contiguous(), group=group)
-        self.gather_bytes += local.numel() * local.element_size() * (size - 1)
-        return torch.cat(pieces, dim=mod.tp_dim + 1)
-
-    def _keep_own(self, full: Tensor, mod: AtomicModule, layout: ParamLayout) -> Tensor:
-        rank = dist.get_rank(self._group_of(layout))
-        local = mod.local_shape[mod.tp_dim]
-        return full.narrow(mod.tp_dim + 1, rank * local, local)
-
     def _clip(self, X: Tensor, mod: AtomicModule, layout: ParamLayout) -> Tensor:
         """``s H_c(X)`` for a batch of module updates (shards under TP)."""
         if mod.tp_dim is None:
@@ -125,8 +107,8 @@ class MegatronSpectra(torch.optim.Optimizer):
         if self.cfg.clip == "soft":
             return spectra_clip_update(X, self.cfg, shape=mod.full_shape, allreduce=self._allreduce(layout),
                                        partition_dim=mod.tp_dim)
-        full = self.gather(X, mod, layout)
-        return self._keep_own(spectra_clip_update(full, self.cfg), mod, layout)
+        full = self._gather(X, mod, layout)
+        return self._keep_own(spectra_clip_update(full, self.cfg), mod, layout, dim_offset=1)
 
     def _sigma(self, X: Tensor, mod: AtomicModule, layout: ParamLayout) -> Tensor:
         """Power-iteration estimate of ``||X||_2`` per batch entry (a lower bound)."""

@@ -11,7 +11,7 @@ parameter holds exactly:
 * ``momentum_buffer`` -- fp32, the parameter's shape (each module's momentum is its view);
 * ``sphere_cache`` -- fp32, the parameter's shape; inside each module's ``(m, n)`` view:
   rows ``[0, b)`` hold the cached right singular block transposed (``b x n``, ``b =
-  min(power_block, m, n)``), row ``b`` the last lambda root and row ``b + 1`` the last secant
+  min(power_block, m, n, local rows - 2)``, :func:`cache_block`), row ``b`` the last lambda root and row ``b + 1`` the last secant
   slope (each broadcast along the row, so every TP column shard holds them);
 * ``step`` -- a 0-d count, equal for all parameters (Megatron saves it as ``common_step``); a
   module is warm (cached block and lambda valid) once ``step > 0``.
@@ -49,6 +49,7 @@ from ..optim.config import SphereConfig
 from ..optim.sphere_update import SphereBuffers, sphere_update_
 from .dp_shard import STAT_FIELDS, ModuleRef, ShardDomain, combine_stats, stats_width
 from .layouts import AtomicModule, ParamLayout
+from .tp_modules import ModuleGatherMixin
 
 Tensor = torch.Tensor
 LAYOUT_ATTR = "_sso_layout"
@@ -57,20 +58,21 @@ model parameter and copied to its fp32 main parameter)."""
 
 
 def cache_block(cfg: SphereConfig, mod: AtomicModule) -> int:
-    """Columns of the cached right block of ``mod`` (``power_block`` capped by its shape)."""
-    return max(1, min(cfg.power_block, *mod.full_shape))
+    """Columns of the cached right block of ``mod``: ``power_block``, capped by the module's
+    shape and by its local rows minus the two that hold lambda and the slope (a head of 16
+    rows keeps a 14-column block)."""
+    return max(1, min(cfg.power_block, *mod.full_shape, mod.local_shape[0] - 2))
 
 
 def check_cache_fits(cfg: SphereConfig, layout: ParamLayout) -> None:
-    """The packed cache needs ``b + 2`` local rows per module; say which module is too small."""
+    """The packed cache needs ``b + 2 >= 3`` local rows per module; say which module is too small."""
     if not cfg.on_sphere:
         return
     for mod in layout.modules:
-        b = cache_block(cfg, mod)
-        if mod.local_shape[0] < b + 2:
+        if mod.local_shape[0] < 3:
             raise ValueError(
                 f"atomic module {mod.name} has {mod.local_shape[0]} local rows; its checkpointable "
-                f"state needs power_block + 2 = {b + 2} (set sso_power_block <= {mod.local_shape[0] - 2})"
+                "state needs at least 3 (a cached vector, lambda and the slope)"
             )
 
 
@@ -81,7 +83,7 @@ def init_sphere_state(opt: torch.optim.Optimizer, config: Any = None) -> None:
             opt._state_for(p)
 
 
-class MegatronSphere(torch.optim.Optimizer):
+class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
     """SSO / MuonSphere / Muon over the atomic modules of Megatron parameters.
 
     Args:
@@ -120,9 +122,6 @@ class MegatronSphere(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32)
         return state
 
-    def _group_of(self, layout: ParamLayout):
-        return self.tp_groups.get("expert" if layout.expert else "dense")
-
     def _param(self, ref: ModuleRef) -> Tensor:
         return self.param_groups[ref.group]["params"][ref.param]
 
@@ -143,26 +142,6 @@ class MegatronSphere(torch.optim.Optimizer):
                 out.append(ShardDomain(name, refs, mods, self.tp_groups.get(name), self.dp_groups.get(name),
                                        self.dp_shard, self.cfg, params[0].device, dtype))
         return out
-
-    # ------------------------------------------------------------ TP (duplicated)
-    def _gather(self, local: Tensor, mod: AtomicModule, layout: ParamLayout, dim_offset: int = 1) -> Tensor:
-        """All-gather a stacked ``(B, m_l, n_l)`` batch along the module's TP dim."""
-        if mod.tp_dim is None:
-            return local
-        group = self._group_of(layout)
-        size = dist.get_world_size(group)
-        pieces = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(pieces, local.contiguous(), group=group)
-        self.gather_bytes += local.numel() * local.element_size() * (size - 1)
-        return torch.cat(pieces, dim=mod.tp_dim + dim_offset)
-
-    def _keep_own(self, full: Tensor, mod: AtomicModule, layout: ParamLayout) -> Tensor:
-        """This rank's slice of a full ``(m, n)`` module."""
-        if mod.tp_dim is None:
-            return full
-        rank = dist.get_rank(self._group_of(layout))
-        local = mod.local_shape[mod.tp_dim]
-        return full.narrow(mod.tp_dim, rank * local, local)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -236,6 +215,8 @@ class MegatronSphere(torch.optim.Optimizer):
         _, p0, _, mod0, layout0 = entries[0]
         m, n = mod0.full_shape
         b = cache_block(cfg, mod0)
+        if cfg.power_block > b:  # the block the update computes must fit the packed cache
+            cfg = dataclasses.replace(cfg, power_block=b)
 
         def stacked(fn) -> Tensor:
             return torch.stack([fn(p, s, mod).float() for _, p, s, mod, _ in entries])

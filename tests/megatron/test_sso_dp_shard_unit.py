@@ -165,7 +165,13 @@ def test_each_dp_rank_updates_its_share(results):
         assert res["replicated"]["stats"][-1]["dp_owned_matrices"] == total
         assert stats["dp_gather_bytes"] > 0 and res["replicated"]["stats"][-1]["dp_gather_bytes"] == 0
         assert stats["msign_calls"] == res["replicated"]["stats"][-1]["msign_calls"]
-        assert res["shard"]["kinds"] == res["replicated"]["kinds"]
+        # same statistics; a module alone in its batch may differ by an ulp (batch-of-one matmul)
+        assert res["shard"]["kinds"].keys() == res["replicated"]["kinds"].keys()
+        for kind, got in res["shard"]["kinds"].items():
+            want = res["replicated"]["kinds"][kind]
+            assert got["modules"] == want["modules"]
+            assert got["update_rms"] == pytest.approx(want["update_rms"], rel=1e-5)
+            assert got["max_norm_error"] == pytest.approx(want["max_norm_error"], abs=1e-6)
     for a, b in ((ranks[0], ranks[2]), (ranks[1], ranks[3])):
         assert a["shard"]["owner"] == b["shard"]["owner"]  # one plan on every rank
         assert a["shard"]["stats"][-1]["dp_owned_matrices"] + b["shard"]["stats"][-1]["dp_owned_matrices"] == total

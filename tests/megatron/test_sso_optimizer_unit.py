@@ -8,7 +8,7 @@ import torch
 
 from megatron_sso.mcore.layouts import param_layout
 from megatron_sso.mcore.sphere_logging import exact_norm_errors, log_sphere_stats
-from megatron_sso.mcore.sphere_optimizer import LAYOUT_ATTR, MegatronSphere, check_cache_fits
+from megatron_sso.mcore.sphere_optimizer import LAYOUT_ATTR, MegatronSphere, cache_block, check_cache_fits
 from megatron_sso.optim.config import SphereConfig
 
 CFG = SimpleNamespace(num_attention_heads=4, num_query_groups=2, kv_channels=16, hidden_size=32,
@@ -37,9 +37,10 @@ def test_steps_keep_modules_on_sphere_with_param_shaped_state():
         assert float(state["step"]) == 3.0
         for mod in getattr(p, LAYOUT_ATTR).modules:  # packed: V^T rows, then lambda and slope rows
             cache = mod.view(state["sphere_cache"])
-            vt = cache[:8]
-            assert torch.allclose(vt @ vt.t(), torch.eye(8), atol=1e-4)
-            assert torch.all(cache[8] == cache[8, 0]) and torch.all(cache[9] == cache[9, 0])
+            b = cache_block(opt.cfg, mod)
+            vt = cache[:b]
+            assert torch.allclose(vt @ vt.t(), torch.eye(b), atol=1e-4)
+            assert torch.all(cache[b] == cache[b, 0]) and torch.all(cache[b + 1] == cache[b + 1, 0])
     errors = exact_norm_errors(SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=opt)]))
     assert set(errors) == {"qkv_q", "qkv_k", "qkv_v", "gate", "up"} and max(errors.values()) < 1e-4
 
@@ -58,9 +59,12 @@ def test_stats_reach_the_writer():
     assert stats["sso/qkv_q/update_rms"] > 0 and "sso/up/norm_error" in stats
 
 
-def test_module_too_small_for_packed_state_is_a_value_error():
-    p = torch.zeros(2 * 4 * 8, 32)  # head dim 8 < power_block + 2
+def test_small_heads_get_a_smaller_cached_block_and_tiny_ones_an_error():
+    p = torch.zeros(2 * 4 * 8, 32)  # head dim 8: room for a 6-column block + lambda + slope
     layout = param_layout("x.linear_qkv.weight", p, SimpleNamespace(**{**vars(CFG), "kv_channels": 8}), 1)
-    with pytest.raises(ValueError, match="sso_power_block <= 6"):
-        check_cache_fits(SphereConfig(), layout)
-    check_cache_fits(SphereConfig(power_block=6), layout)
+    check_cache_fits(SphereConfig(), layout)
+    assert {cache_block(SphereConfig(), mod) for mod in layout.modules} == {6}
+    tiny = param_layout("x.linear_qkv.weight", torch.zeros(2 * 4 * 2, 32),
+                        SimpleNamespace(**{**vars(CFG), "kv_channels": 2}), 1)
+    with pytest.raises(ValueError, match="has 2 local rows"):
+        check_cache_fits(SphereConfig(), tiny)
