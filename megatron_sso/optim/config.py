@@ -55,15 +55,16 @@ class SphereConfig(ConfigFields):
     power_dtype: str = "fp32"
     """Compute dtype of the power iteration (the paper suggests bf16)."""
 
-    power_iters: int = 4
+    power_iters: int = 8
     """Block power iterations per step on the updated weight, warm-started from the cached
     block; their top Ritz value is the sigma the weight is retracted with. SSO flattens the
     top of the spectrum (tens of singular values within 1% of R), so the estimate converges
-    slowly and can only under-estimate: measured over 300 steps of a 2x128 byte-level GPT at
-    lr 0.05 (exact SVD every 25 steps), the worst ``|sigma/R - 1|`` after the step was 2.0e-2
-    with block 8 x 2 iterations, 5.6e-3 with 8 x 5, 1.4e-3 with 16 x 2, 1.8e-4 with 16 x 4
-    (this default) and 9.5e-5 with 32 x 2. Cost: ``2 * block * iters`` matrix-vector products,
-    under 1% of one msign for 2048-wide matrices."""
+    slowly and can only under-estimate, leaving the weight above its sphere. Measured worst
+    ``|sigma/R - 1|`` by exact SVD: 300 steps of a 2x128 byte-level GPT at lr 0.05 -- block 8 x 2
+    iterations 2.0e-2, 8 x 5 5.6e-3, 16 x 2 1.4e-3, 16 x 4 1.8e-4; 800 Bridge steps of the tiny
+    MoE recipe at lr 0.1 (``scripts/compare_optimizers.py``) -- 16 x 4 2.1e-3, 16 x 8 (this
+    default) 1.9e-5, 16 x 12 3.4e-6. Cost: ``2 * block * iters`` matrix-vector products, ~0.5%
+    of one msign for a 2048 x 6144 matrix."""
 
     power_iters_cold: int = 50
     """Block power iterations on a module's first step, when no vector is cached (the

@@ -145,7 +145,7 @@ def test_comm_model_sharded_vs_duplicated_for_fc2():
     mib = 2.0 ** 20
     sharded = [step_comm((2048, 6144), tp, 1, "sharded").wire_bytes / mib for tp in (2, 4, 8)]
     dup = [step_comm((2048, 6144), tp, 1, "duplicated").wire_bytes / mib for tp in (2, 4, 8)]
-    assert sharded == pytest.approx([256.76, 385.15, 449.34], abs=0.01)
+    assert sharded == pytest.approx([257.27, 385.91, 450.23], abs=0.01)
     assert dup == pytest.approx([48.0, 72.0, 84.0])
 
 
