@@ -12,18 +12,15 @@ Bridge: pass :func:`spectra_logging_callback` in ``pretrain(..., callbacks=[...]
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..ops.spectral_clip import spectra_update_scale
-from .sphere_logging import inner_optimizers
+from .sphere_logging import inner_optimizers, interval_logging_callback
 from .sphere_optimizer import LAYOUT_ATTR
 from .spectra_optimizer import MegatronSpectra
-
-logger = logging.getLogger(__name__)
 
 
 def spectra_optimizers(optimizer: Any) -> list[MegatronSpectra]:
@@ -54,27 +51,9 @@ def spectra_stats(optimizer: Any) -> dict[str, float]:
 
 
 def spectra_logging_callback():
-    """A Megatron-Bridge ``Callback`` that logs :func:`spectra_stats` every ``logger.log_interval``
-    iterations to the TensorBoard writer (when configured) and the Python log."""
-    from megatron.bridge.training.callbacks import Callback
-
-    class SpectraLogging(Callback):
-        def on_train_step_end(self, context) -> None:
-            iteration = int(context.state.train_state.step) + 1  # incremented after the callbacks
-            interval = max(1, int(context.state.cfg.logger.log_interval or 1))
-            if iteration % interval or context.optimizer is None:
-                return
-            stats = spectra_stats(context.optimizer)
-            writer = context.state.tensorboard_logger
-            if writer is not None:
-                for key, value in stats.items():
-                    writer.add_scalar(key, value, iteration)
-            if stats:
-                logger.info("iteration %d spectra: %s", iteration,
-                            " ".join(f"{k[8:]}={v:.4g}" for k, v in sorted(stats.items())))
-            context.user_state["spectra_stats"] = stats
-
-    return SpectraLogging()
+    """The Bridge callback logging :func:`spectra_stats` every ``logger.log_interval`` iterations
+    (TensorBoard and the Python log; ``user_state["spectra_stats"]``)."""
+    return interval_logging_callback(spectra_stats, "spectra", "spectra_stats")
 
 
 # ---------------------------------------------------------------------------- test probe

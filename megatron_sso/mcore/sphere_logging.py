@@ -50,16 +50,21 @@ def sphere_stats(optimizer: Any) -> dict[str, float]:
     return out
 
 
-def log_sphere_stats(optimizer: Any, iteration: int, writer: Optional[Any] = None) -> dict[str, float]:
-    """Write :func:`sphere_stats` to ``writer`` (a TensorBoard ``SummaryWriter``) and the log."""
-    stats = sphere_stats(optimizer)
+def write_stats(stats: dict[str, float], label: str, iteration: int, writer: Optional[Any] = None) -> dict[str, float]:
+    """Write flat ``{"<prefix>/...": value}`` stats to ``writer`` (a TensorBoard
+    ``SummaryWriter``) and one log line; returns them."""
     if writer is not None:
         for key, value in stats.items():
             writer.add_scalar(key, value, iteration)
     if stats:
-        logger.info("iteration %d sphere: %s", iteration,
-                    " ".join(f"{k[4:]}={v:.4g}" for k, v in sorted(stats.items())))
+        logger.info("iteration %d %s: %s", iteration, label,
+                    " ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in sorted(stats.items())))
     return stats
+
+
+def log_sphere_stats(optimizer: Any, iteration: int, writer: Optional[Any] = None) -> dict[str, float]:
+    """Write :func:`sphere_stats` to ``writer`` (a TensorBoard ``SummaryWriter``) and the log."""
+    return write_stats(sphere_stats(optimizer), "sphere", iteration, writer)
 
 
 @torch.no_grad()
@@ -82,25 +87,23 @@ def exact_norm_errors(optimizer: Any) -> dict[str, float]:
     return out
 
 
-def sphere_logging_callback():
-    """A Megatron-Bridge ``Callback`` that logs :func:`sphere_stats` every ``logger.log_interval``
-    iterations to the TensorBoard writer (when configured) and the Python log."""
+def interval_logging_callback(stats_fn: Any, label: str, user_key: str):
+    """A Megatron-Bridge ``Callback`` that logs ``stats_fn(optimizer)`` every
+    ``logger.log_interval`` iterations to the TensorBoard writer (when configured) and the
+    Python log, and keeps them in ``context.user_state[user_key]``."""
     from megatron.bridge.training.callbacks import Callback
 
-    class SphereLogging(Callback):
+    class IntervalLogging(Callback):
         def on_train_step_end(self, context) -> None:
             iteration = int(context.state.train_state.step) + 1  # incremented after the callbacks
             interval = max(1, int(context.state.cfg.logger.log_interval or 1))
             if iteration % interval == 0 and context.optimizer is not None:
-                context.user_state["sso_stats"] = log_sphere_stats(
-                    context.optimizer, iteration, context.state.tensorboard_logger)
+                context.user_state[user_key] = write_stats(
+                    stats_fn(context.optimizer), label, iteration, context.state.tensorboard_logger)
 
-    return SphereLogging()
+    return IntervalLogging()
 
 
-def probe(context) -> dict:
-    """A :func:`~.bridge_runner.run_pretrain` probe: the step's stats and the exact norm errors
-    of the stored modules (every rank calls it, so the TP gathers line up)."""
-    opts = sphere_optimizers(context.optimizer)
-    return {"stats": sphere_stats(context.optimizer), "norm_errors": exact_norm_errors(context.optimizer),
-            "lambda_tol": opts[0].cfg.lambda_tol if opts else None}
+def sphere_logging_callback():
+    """:func:`interval_logging_callback` for :func:`sphere_stats` (``user_state["sso_stats"]``)."""
+    return interval_logging_callback(sphere_stats, "sphere", "sso_stats")
