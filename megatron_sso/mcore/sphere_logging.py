@@ -107,3 +107,11 @@ def interval_logging_callback(stats_fn: Any, label: str, user_key: str):
 def sphere_logging_callback():
     """:func:`interval_logging_callback` for :func:`sphere_stats` (``user_state["sso_stats"]``)."""
     return interval_logging_callback(sphere_stats, "sphere", "sso_stats")
+
+
+def probe(context) -> dict:
+    """A :func:`~.bridge_runner.run_pretrain` probe: the step's stats and the exact norm errors
+    of the stored modules (every rank calls it, so the TP gathers line up)."""
+    opts = sphere_optimizers(context.optimizer)
+    return {"stats": sphere_stats(context.optimizer), "norm_errors": exact_norm_errors(context.optimizer),
+            "lambda_tol": opts[0].cfg.lambda_tol if opts else None}
