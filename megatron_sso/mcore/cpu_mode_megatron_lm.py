@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .cpu_megatron_patches import bridge_skip_jit_warmup
+from .cpu_megatron_patches import bridge_initialize_without_cuda, bridge_skip_jit_warmup
 from .cpu_mode import add_module_patches, enable_cpu_mode
 
 
@@ -23,15 +23,8 @@ def megatron_lm_initialize_without_cuda(training: types.ModuleType) -> None:
     """``pretrain()`` calls ``initialize_megatron`` without ``allow_no_cuda``, which asserts
     ``torch.cuda.is_available()``: pass ``allow_no_cuda=True`` (the rest of its set-up already
     handles zero devices: no ``set_device``, gloo groups). Patched in ``megatron.training.training``,
-    which imported the name directly."""
-    original = training.initialize_megatron
-
-    @functools.wraps(original)
-    def initialize_megatron(*args: Any, **kwargs: Any):
-        kwargs["allow_no_cuda"] = True
-        return original(*args, **kwargs)
-
-    training.initialize_megatron = initialize_megatron
+    which imported the name directly. Same wrapper as Bridge's ``setup``."""
+    bridge_initialize_without_cuda(training)
 
 
 def megatron_lm_model_parallel_groups(initialize: types.ModuleType) -> None:
