@@ -6,7 +6,7 @@ loss, SSO reaching AdamW's final loss in fewer steps, bounded spectral norms and
 lower router MaxVio on MoE) needs evidence from *this* implementation, produced the same way for
 every optimizer. Every run goes through the real ``megatron-sso pretrain`` CLI (Megatron-Bridge's
 ``pretrain()``) in its own process with the recipe's ``monitor.*`` keys set, so
-:mod:`megatron_sso.mcore.monitoring` records train / validation loss, ``sigma / R`` per atomic
+:mod:`megatron_sso.mcore.observe.monitoring` records train / validation loss, ``sigma / R`` per atomic
 module kind, update RMS, activation RMS and max-abs, and the MoE routers' MaxVio as JSON lines.
 
 Steps: (1) ``prepare-data`` on the Python standard library's ``*.py`` sources (unless

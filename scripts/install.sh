@@ -82,7 +82,7 @@ EOF
       exit 1
     fi
     "$PY" -W ignore - <<'EOF'
-from megatron_sso.mcore.cpu_mode import enable_cpu_mode
+from megatron_sso.mcore.cpu.mode import enable_cpu_mode
 enable_cpu_mode()
 import megatron.core, megatron.bridge.training.pretrain  # noqa: E401,F401
 from importlib.metadata import version

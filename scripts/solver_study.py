@@ -29,7 +29,7 @@ import torch
 import megatron_sso.optim.sphere_update as sphere_update
 from megatron_sso import SpectralSphere
 from megatron_sso.ops import lambda_solver
-from megatron_sso.testing.tiny_gpt import TinyGPT, batches, lm_loss, stdlib_corpus
+from megatron_sso.models.tiny_gpt import TinyGPT, batches, lm_loss, stdlib_corpus
 
 
 class AccuracyProbe:

@@ -11,7 +11,7 @@ import torch
 
 from megatron_sso import SpectralSphere
 from megatron_sso.ops.retraction import target_radius
-from megatron_sso.testing.tiny_gpt import TinyGPT, batches, lm_loss, stdlib_corpus
+from megatron_sso.models.tiny_gpt import TinyGPT, batches, lm_loss, stdlib_corpus
 
 STEPS = 200
 CHECK_EVERY = 25

@@ -1,6 +1,6 @@
 """``megatron-sso demo``: SSO on a tiny byte-level GPT, on real text, on a laptop CPU.
 
-Trains :class:`megatron_sso.testing.tiny_gpt.TinyGPT` on the Python standard library's own
+Trains :class:`megatron_sso.models.tiny_gpt.TinyGPT` on the Python standard library's own
 sources (present on every machine, nothing downloaded) with SSO on the hidden matrices and
 AdamW on embeddings, norms and the output layer (paper §6.1), and prints per-step loss,
 learning rate, tokens/s and the spectral-norm / solver summary.
@@ -16,7 +16,7 @@ import torch
 
 from ..ops.retraction import target_radius
 from ..optim.spectral_sphere import SpectralSphere
-from ..testing.tiny_gpt import TinyGPT, batches, lm_loss, stdlib_corpus
+from ..models.tiny_gpt import TinyGPT, batches, lm_loss, stdlib_corpus
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ names in Megatron's factory, the recipe resolved again in this process (configs 
 callables and live Megatron objects, so they are rebuilt rather than pickled), then Bridge's
 ``pretrain(cfg, forward_step)`` with a progress callback. Under torchrun the environment
 already names the rank; :func:`run_local` provides it for N local gloo ranks, started like
-:func:`megatron_sso.mcore.bridge_runner.run_pretrain` starts its ranks (a forkserver with
+:func:`megatron_sso.mcore.bridge.runner.run_pretrain` starts its ranks (a forkserver with
 Megatron-Bridge preloaded, so a rank starts in about a second).
 """
 
@@ -24,8 +24,7 @@ def _progress_callback(world_size: int):
     import torch.distributed as dist
     from megatron.bridge.training.callbacks import Callback
 
-    from ..mcore.spectra_logging import spectra_stats
-    from ..mcore.sphere_logging import sphere_stats
+    from ..mcore.observe import spectra_stats, sphere_stats
 
     class Progress(Callback):
         def __init__(self) -> None:
@@ -82,15 +81,15 @@ def run_rank(job: dict) -> int:
     overrides, data_path. Returns 0."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        from ..mcore.bridge_runner import free_port
+        from ..mcore.bridge import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(name, value)
     import torch
 
-    from ..mcore.cpu_mode import enable_cpu_mode
-    from ..mcore.factory import install
+    from ..mcore.cpu import enable_cpu_mode
+    from ..mcore.optimizers import install
     from .recipe import build_config
 
     world = int(os.environ["WORLD_SIZE"])
@@ -104,10 +103,9 @@ def run_rank(job: dict) -> int:
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 
-    from ..mcore.spectra_logging import spectra_logging_callback
-    from ..mcore.sphere_logging import sphere_logging_callback
+    from ..mcore.observe import spectra_logging_callback, sphere_logging_callback
 
-    from ..mcore.monitoring import callbacks_from_env  # MEGATRON_SSO_MONITOR=path.jsonl; off by default
+    from ..mcore.observe import callbacks_from_env  # MEGATRON_SSO_MONITOR=path.jsonl; off by default
 
     pretrain(cfg, forward_step, callbacks=[_progress_callback(world), sphere_logging_callback(),
                                            spectra_logging_callback(),
@@ -133,9 +131,9 @@ def run_local(job: dict, world_size: int, timeout_s: float | None = None) -> int
 
     import torch.multiprocessing as mp
 
-    from ..mcore.bridge_runner import _PRELOAD, free_port, join_ranks
+    from ..mcore.bridge import PRELOAD, free_port, join_ranks
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload([_PRELOAD])
+    multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
     ctx = mp.start_processes(_local_rank_main, args=(world_size, free_port(), job), nprocs=world_size,
                              join=False, start_method="forkserver")
     deadline = time.perf_counter() + timeout_s if timeout_s else None

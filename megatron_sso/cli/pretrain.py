@@ -6,7 +6,7 @@ Three ways to run, chosen from the environment so that one command works everywh
   GPUs (CPU mode with gloo only when there is no CUDA);
 * ``--nproc N`` (no torchrun): N local ranks on this machine with gloo on CPU, started from a
   forkserver that has Megatron-Bridge preloaded (the machinery of
-  :mod:`megatron_sso.mcore.bridge_runner`);
+  :mod:`megatron_sso.mcore.bridge.runner`);
 * otherwise: one process.
 
 Everything that can be wrong with the input (missing file, unknown key or optimizer, a
@@ -142,7 +142,7 @@ def _check_gpus() -> None:
 
 def describe(cfg, lay: dict, path: str) -> str:
     """The ``--dry-run`` report: model size, layout, optimizer, schedule, data."""
-    from ..mcore.config import (MEGATRON_SETTINGS, SPECTRA_OPTIMIZERS, SPECTRA_SETTINGS, SPHERE_OPTIMIZERS,
+    from ..mcore.optimizers import (MEGATRON_SETTINGS, SPECTRA_OPTIMIZERS, SPECTRA_SETTINGS, SPHERE_OPTIMIZERS,
                                 spectra_enabled)
     from ..optim.config import SphereConfig
     from .model_size import count_parameters
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and (args.nproc < 1 or _under_torchrun()):
         raise RecipeError(f"--nproc {args.nproc}: must be >= 1 and cannot be combined with torchrun")
     world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else args.nproc
-    from ..mcore.cpu_mode import enable_cpu_mode
+    from ..mcore.cpu import enable_cpu_mode
 
     enable_cpu_mode()
     overrides = _overrides(args)
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             print("monitor: " + " ".join(f"{k}={v}" for k, v in monitor.items()), flush=True)
         return 0
     if monitor:  # the recipe's monitor section wins over MEGATRON_SSO_MONITOR*; ranks inherit it
-        from ..mcore.monitoring import monitor_environment
+        from ..mcore.observe import monitor_environment
 
         os.environ.update(monitor_environment(**{**monitor, "path": os.path.abspath(monitor["path"])}))
     _check_gpus()

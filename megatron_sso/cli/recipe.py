@@ -3,7 +3,7 @@
 A recipe's keys map 1:1 onto the fields of Bridge's ``ConfigContainer``: ``model.*`` (a
 Qwen3-style ``GPTModelProvider``), ``train.*``, ``optimizer.*`` (Bridge's ``OptimizerConfig``
 plus every ``sso_*`` and ``spectra_*`` field of
-:class:`~megatron_sso.mcore.config.SSOOptimizerConfig`),
+:class:`~megatron_sso.mcore.optimizers.config.SSOOptimizerConfig`),
 ``scheduler.*``, ``dataset.*``, ``tokenizer.*``, ``checkpoint.*``, ``logger.*``, ``ddp.*``,
 ``rng.*``, ``dist.*``... Overrides use the same dotted keys (``train.train_iters=50``).
 
@@ -16,7 +16,7 @@ is accepted for float fields, and dtype fields take ``bfloat16``/``float32`` nam
 
 The file is read by :func:`read_recipe` without importing Megatron (fast, so a missing or
 malformed file fails at once); :func:`build_config` needs Megatron-Bridge (call
-:func:`~megatron_sso.mcore.cpu_mode.enable_cpu_mode` first on a CPU).
+:func:`~megatron_sso.mcore.cpu.mode.enable_cpu_mode` first on a CPU).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import yaml
 OPTIMIZERS = ("sso", "muon_sphere", "muon", "adam", "signum", "ademamix")
 """Values of ``--optimizer`` / ``optimizer.optimizer`` this launcher accepts. ``signum`` and
 ``ademamix`` (and ``adam`` with ``optimizer.spectra_post_clip`` / ``spectra_pre_clip`` set) run
-SPECTRA (``megatron_sso.mcore.spectra_factory``)."""
+SPECTRA (``megatron_sso.mcore.optimizers.spectra_factory``)."""
 
 BYTE_VOCAB = 257
 """The byte-level tokenizer of ``prepare-data``: ids 0-255 are bytes, 256 is end-of-document."""
@@ -239,8 +239,8 @@ def base_config():
                                                  SchedulerConfig, TrainingConfig)
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
 
-    from ..mcore.config import SSOOptimizerConfig
-    from ..mcore.layer_specs import layer_spec
+    from ..mcore.optimizers import SSOOptimizerConfig
+    from ..mcore.bridge import layer_spec
 
     # layer_spec: Bridge's, except that an MoE model gets its dense layers (moe_layer_freq)
     model_kw: dict[str, Any] = dict(vocab_size=None, make_vocab_size_divisible_by=128,
@@ -277,7 +277,7 @@ def base_config():
 
 MONITOR = "monitor"
 """The recipe section (and ``monitor.*`` overrides) that switches on the training monitor of
-:mod:`megatron_sso.mcore.monitoring`; it is not a Bridge ``ConfigContainer`` field."""
+:mod:`megatron_sso.mcore.observe.monitoring`; it is not a Bridge ``ConfigContainer`` field."""
 
 MONITOR_KEYS = {"path": "a JSON-lines output file", "interval": "steps between snapshots, >= 1",
                 "activations": "true/false: activation RMS and max-abs",
@@ -315,8 +315,8 @@ def _check_spectra(o: Any, path: str | Path) -> None:
     """The ``spectra_*`` values make a valid SPECTRA setup for ``o.optimizer`` (checked here so
     that a bad one fails before any rank starts); a clip set for an optimizer that has no
     SPECTRA form (``sso``...) is an error rather than silently ignored. The rule is
-    :func:`~megatron_sso.mcore.config.check_spectra`, shared with the Megatron-LM flags."""
-    from ..mcore.config import check_spectra
+    :func:`~megatron_sso.mcore.optimizers.config.check_spectra`, shared with the Megatron-LM flags."""
+    from ..mcore.optimizers import check_spectra
 
     try:
         check_spectra(o)

@@ -16,7 +16,7 @@ from .tables import maxvio, series
 
 KIND_ORDER = ("qkv_q", "qkv_k", "qkv_v", "linear_proj", "gate", "up", "linear_fc2", "expert_gate", "expert_up",
               "expert_linear_fc2", "shared_gate", "shared_up", "shared_linear_fc2")
-"""Display order of the atomic module kinds of :func:`megatron_sso.mcore.layouts.param_layout`."""
+"""Display order of the atomic module kinds of :func:`megatron_sso.mcore.optimizers.layouts.param_layout`."""
 
 
 def _plt():

@@ -3,7 +3,7 @@
 Why one process per run: Megatron keeps process-wide state (parallel groups, RNG trackers,
 global buffers), so a fresh process is the only way to give every optimizer the same start.
 Each run turns the monitor on through the recipe's ``monitor.*`` overrides (the same path any
-user would take), so the records are those of :mod:`megatron_sso.mcore.monitoring`.
+user would take), so the records are those of :mod:`megatron_sso.mcore.observe.monitoring`.
 """
 
 from __future__ import annotations

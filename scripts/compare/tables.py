@@ -1,6 +1,6 @@
 """The comparison's CSV and the numbers the report quotes, all computed from the monitoring records.
 
-Records are those of :mod:`megatron_sso.mcore.monitoring`: ``{"kind": "train", "step", "loss",
+Records are those of :mod:`megatron_sso.mcore.observe.monitoring`: ``{"kind": "train", "step", "loss",
 "lr", "step_s", "tokens", ...}`` every step (spectral ``sigma_over_R/<kind>/{mean,max,min}``,
 ``update_rms/*``, ``act_rms/<layer>.<attn|mlp>``, ``act_maxabs/*`` and ``maxvio/<layer>`` on
 monitored steps) and ``{"kind": "val", "step", "loss"}`` at every evaluation.

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from megatron_sso.cli.recipe import RecipeError, monitor_settings
-from megatron_sso.mcore.monitoring import ENV_PATH, ENV_ROUTER, max_violation, monitor_environment
+from megatron_sso.mcore.observe.monitoring import ENV_PATH, ENV_ROUTER, max_violation, monitor_environment
 from tests.needs import MEGATRON, needs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,11 +41,11 @@ ROUTER_SCRIPT = r"""
 import json
 from types import SimpleNamespace
 import torch
-from megatron_sso.mcore.cpu_mode import enable_cpu_mode
+from megatron_sso.mcore.cpu.mode import enable_cpu_mode
 enable_cpu_mode()
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.moe.router import TopKRouter
-from megatron_sso.mcore.monitoring import RouterHooks
+from megatron_sso.mcore.observe.monitoring import RouterHooks
 E, K, H = 6, 2, 16
 cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=1, num_moe_experts=E, moe_router_topk=K,
                         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, add_bias_linear=False,

@@ -41,7 +41,7 @@ def test_cpu_mode_maps_cuda_calls_to_host():
     out = _run_python(
         """
         import torch
-        from megatron_sso.mcore.cpu_mode import enable_cpu_mode, cpu_mode_enabled, cpu_mode_report
+        from megatron_sso.mcore.cpu.mode import enable_cpu_mode, cpu_mode_enabled, cpu_mode_report
         assert not cpu_mode_enabled()
         assert enable_cpu_mode() is True and enable_cpu_mode() is True   # idempotent
         report = cpu_mode_report()
@@ -111,7 +111,7 @@ def test_cpu_mode_never_touches_a_cuda_process():
         import torch
         torch.cuda.is_available = lambda: True          # pretend to be a GPU machine
         before = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.Stream)
-        from megatron_sso.mcore.cpu_mode import enable_cpu_mode, cpu_mode_enabled, cpu_mode_report
+        from megatron_sso.mcore.cpu.mode import enable_cpu_mode, cpu_mode_enabled, cpu_mode_report
         assert enable_cpu_mode() is False and not cpu_mode_enabled()
         assert (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.Stream) == before
         assert torch._C._len_torch_function_stack() == 0
@@ -139,7 +139,7 @@ def _check_training(run) -> list[float]:
 
 @pytest.fixture(scope="module")
 def single_rank_run():
-    from megatron_sso.mcore.bridge_runner import TinyGPTSpec, run_pretrain
+    from megatron_sso.mcore.bridge.runner import TinyGPTSpec, run_pretrain
 
     return run_pretrain(TinyGPTSpec(train_iters=4), world_size=1, timeout_s=240)
 
@@ -164,7 +164,7 @@ def test_bridge_pretrain_adam_one_rank(single_rank_run):
 @pytest.mark.megatron
 @pytest.mark.distributed
 def test_bridge_pretrain_adam_two_ranks_data_parallel(single_rank_run):
-    from megatron_sso.mcore.bridge_runner import TinyGPTSpec, run_pretrain
+    from megatron_sso.mcore.bridge.runner import TinyGPTSpec, run_pretrain
 
     run = run_pretrain(TinyGPTSpec(train_iters=4), world_size=2, timeout_s=240)
     values = _check_training(run)
@@ -181,7 +181,7 @@ def test_bridge_pretrain_adam_two_ranks_data_parallel(single_rank_run):
 def test_bridge_pretrain_adam_tensor_and_sequence_parallel():
     """TP=2 with sequence parallelism: TP collectives in forward and backward, and the
     torch norms that CPU mode lets run on sequence-sharded activations."""
-    from megatron_sso.mcore.bridge_runner import TinyGPTSpec, run_pretrain
+    from megatron_sso.mcore.bridge.runner import TinyGPTSpec, run_pretrain
 
     spec = TinyGPTSpec(train_iters=4, tensor_parallel=2, overrides=("model.sequence_parallel=true",))
     _check_training(run_pretrain(spec, world_size=2, timeout_s=240))

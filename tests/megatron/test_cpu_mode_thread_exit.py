@@ -1,6 +1,6 @@
 """CPU mode on a helper thread must not abort the process at interpreter exit.
 
-Root cause (see :mod:`megatron_sso.mcore.cpu_devices`): torch keeps a thread's TorchFunctionMode
+Root cause (see :mod:`megatron_sso.mcore.cpu.devices`): torch keeps a thread's TorchFunctionMode
 stack in C++ thread-local storage. When a thread ends, that storage is destroyed after the
 thread's Python state, and dropping the mode's Python reference needs the GIL. If the main
 thread has started finalising the interpreter when the helper thread gets the GIL, CPython ends
@@ -26,7 +26,7 @@ from test_cpu_mode import CUDA_FREE
 SCRIPT = """
 import sys, threading, time
 import torch
-from megatron_sso.mcore.cpu_mode import enable_cpu_mode
+from megatron_sso.mcore.cpu.mode import enable_cpu_mode
 
 enable_cpu_mode()
 

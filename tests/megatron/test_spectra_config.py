@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_sso.mcore.config import SPECTRA_SETTINGS, spectra_enabled
-from megatron_sso.mcore.factory import _wrap
-from megatron_sso.mcore.spectra_factory import spectra_configs_from
+from megatron_sso.mcore.optimizers.spectra_settings import SPECTRA_SETTINGS, spectra_configs_from, spectra_enabled
+from megatron_sso.mcore.optimizers.factory import _wrap
 from megatron_sso.optim import AdamWConfig, AdEMAMixConfig, SignumConfig
 
 ADAM = dict(adam_beta1=0.8, adam_beta2=0.9, adam_eps=1e-6)
@@ -73,7 +72,7 @@ def test_bad_values_name_the_key(values, key):
 def test_every_setting_becomes_a_typed_config_field():
     """The fields SSOOptimizerConfig is built from (built without importing Megatron here:
     Bridge must not be imported in pytest's process)."""
-    from megatron_sso.mcore.config import _sphere_fields
+    from megatron_sso.mcore.optimizers.config import _sphere_fields
 
     fields = {name: (tp, f.default) for name, tp, f in _sphere_fields()}
     for name, (typ, default, meaning) in SPECTRA_SETTINGS.items():

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_sso.mcore.layouts import param_layout
-from megatron_sso.mcore.spectra_optimizer import MegatronSpectra
-from megatron_sso.mcore.sphere_optimizer import LAYOUT_ATTR
+from megatron_sso.mcore.optimizers.layouts import param_layout
+from megatron_sso.mcore.optimizers.spectra_optimizer import MegatronSpectra
+from megatron_sso.mcore.optimizers.sphere_optimizer import LAYOUT_ATTR
 from megatron_sso.ops import spectra_update_scale
 from megatron_sso.optim import AdamWConfig, AdEMAMixConfig, SignumConfig, Spectra, SpectraConfig
 from megatron_sso.optim.spectra import pre_clip_gradients_

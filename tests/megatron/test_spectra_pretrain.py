@@ -16,8 +16,8 @@ import pytest
 
 from test_cpu_mode import CUDA_FREE, NEEDS_MEGATRON  # noqa: E402  (same skip rules)
 
-HOOK = "megatron_sso.mcore.testing_hooks:install_same_init"
-PROBE = "megatron_sso.mcore.spectra_logging:update_probe"
+HOOK = "megatron_sso.testing.bridge_hooks:install_same_init"
+PROBE = "megatron_sso.mcore.observe.spectra_logging:update_probe"
 NO_DROPOUT = ("model.hidden_dropout=0.0", "model.attention_dropout=0.0")
 MOE = ("model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
        "model.moe_shared_expert_intermediate_size=32", "model.moe_token_dispatcher_type=allgather",
@@ -30,7 +30,7 @@ pytestmark = [CUDA_FREE, NEEDS_MEGATRON, pytest.mark.megatron, pytest.mark.distr
 
 
 def _run(optimizer="adam", world_size=1, overrides=(), **spec):
-    from megatron_sso.mcore.bridge_runner import TinyGPTSpec, run_pretrain
+    from megatron_sso.mcore.bridge.runner import TinyGPTSpec, run_pretrain
 
     spec.setdefault("train_iters", 4)
     spec.setdefault("lr", 1e-2)

@@ -21,9 +21,9 @@ import pytest
 
 from test_cpu_mode import CUDA_FREE, NEEDS_MEGATRON  # noqa: E402  (same skip rules)
 
-HOOK = "megatron_sso.mcore.testing_hooks:install_same_init"
-NAN_HOOK = "megatron_sso.mcore.testing_dp_hooks:install_nan_on_one_rank"
-PROBE = "megatron_sso.mcore.testing_dp_hooks:dp_probe"
+HOOK = "megatron_sso.testing.bridge_hooks:install_same_init"
+NAN_HOOK = "megatron_sso.testing.dp_hooks:install_nan_on_one_rank"
+PROBE = "megatron_sso.testing.dp_hooks:dp_probe"
 NO_DROPOUT = ("model.hidden_dropout=0.0", "model.attention_dropout=0.0")
 ITERS = (1, 2, 3, 4)
 MODULES = 24  # 2 layers x (4 q heads + 2 k + 2 v, proj, gate, up, fc2)
@@ -39,7 +39,7 @@ pytestmark = [CUDA_FREE, NEEDS_MEGATRON, pytest.mark.megatron, pytest.mark.distr
 
 
 def _run(world_size=2, overrides=(), hook=HOOK, **spec):
-    from megatron_sso.mcore.bridge_runner import TinyGPTSpec, run_pretrain
+    from megatron_sso.mcore.bridge.runner import TinyGPTSpec, run_pretrain
 
     spec.setdefault("train_iters", 4)
     return run_pretrain(TinyGPTSpec(optimizer="sso", lr=1e-2, overrides=NO_DROPOUT + tuple(overrides), **spec),
@@ -111,7 +111,7 @@ def test_dp2_checkpoint_resumes_on_one_rank(sharded):
 
 
 def test_nan_seen_by_one_rank_is_skipped_by_all(sharded):
-    from megatron_sso.mcore.testing_dp_hooks import NAN_ITERATION
+    from megatron_sso.testing.dp_hooks import NAN_ITERATION
 
     clean, _ = sharded
     run = _run(hook=NAN_HOOK)

@@ -46,8 +46,8 @@ def _shard(full: dict[str, torch.Tensor], tp: int, r: int) -> dict[str, torch.Te
 
 
 def _params(tp: int, r: int) -> list[torch.nn.Parameter]:
-    from megatron_sso.mcore.layouts import param_layout
-    from megatron_sso.mcore.sphere_optimizer import LAYOUT_ATTR
+    from megatron_sso.mcore.optimizers.layouts import param_layout
+    from megatron_sso.mcore.optimizers.sphere_optimizer import LAYOUT_ATTR
 
     out = []
     for key, value in _shard(_full(0), tp, r).items():
@@ -60,7 +60,7 @@ def _params(tp: int, r: int) -> list[torch.nn.Parameter]:
 
 
 def _train(params, opt, tp: int, r: int, nan_rank: int = -1) -> dict:
-    from megatron_sso.mcore.sphere_optimizer import LAYOUT_ATTR
+    from megatron_sso.mcore.optimizers.sphere_optimizer import LAYOUT_ATTR
 
     weights, stats = [], []
     for step in range(STEPS):
@@ -77,7 +77,7 @@ def _train(params, opt, tp: int, r: int, nan_rank: int = -1) -> dict:
 
 def _distributed(rank: int, world: int) -> dict:
     from megatron_sso.mcore import dp_shard
-    from megatron_sso.mcore.sphere_optimizer import MegatronSphere
+    from megatron_sso.mcore.optimizers.sphere_optimizer import MegatronSphere
     from megatron_sso.optim.config import SphereConfig
 
     tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -102,7 +102,7 @@ def _distributed(rank: int, world: int) -> dict:
 
 
 def _single(rank: int, world: int) -> dict:
-    from megatron_sso.mcore.sphere_optimizer import MegatronSphere
+    from megatron_sso.mcore.optimizers.sphere_optimizer import MegatronSphere
     from megatron_sso.optim.config import SphereConfig
 
     params = _params(1, 0)

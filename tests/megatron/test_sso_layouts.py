@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_sso.mcore.layouts import param_layout
+from megatron_sso.mcore.optimizers.layouts import param_layout
 
 
 def _cfg(**kw):

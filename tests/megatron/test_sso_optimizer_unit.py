@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_sso.mcore.layouts import param_layout
-from megatron_sso.mcore.sphere_logging import exact_norm_errors, log_sphere_stats
-from megatron_sso.mcore.sphere_optimizer import LAYOUT_ATTR, MegatronSphere, cache_block, check_cache_fits
+from megatron_sso.mcore.optimizers.layouts import param_layout
+from megatron_sso.mcore.observe.sphere_logging import exact_norm_errors, log_sphere_stats
+from megatron_sso.mcore.optimizers.sphere_optimizer import LAYOUT_ATTR, MegatronSphere, cache_block, check_cache_fits
 from megatron_sso.optim.config import SphereConfig
 
 CFG = SimpleNamespace(num_attention_heads=4, num_query_groups=2, kv_channels=16, hidden_size=32,

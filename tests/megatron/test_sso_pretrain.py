@@ -15,8 +15,8 @@ import pytest
 
 from test_cpu_mode import CUDA_FREE, NEEDS_MEGATRON  # noqa: E402  (same skip rules)
 
-HOOK = "megatron_sso.mcore.testing_hooks:install_same_init"
-PROBE = "megatron_sso.mcore.testing_hooks:layer_check_probe"
+HOOK = "megatron_sso.testing.bridge_hooks:install_same_init"
+PROBE = "megatron_sso.testing.bridge_hooks:layer_check_probe"
 NO_DROPOUT = ("model.hidden_dropout=0.0", "model.attention_dropout=0.0")
 MOE = ("model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
        "model.moe_shared_expert_intermediate_size=32", "model.moe_token_dispatcher_type=allgather",
@@ -25,7 +25,7 @@ pytestmark = [CUDA_FREE, NEEDS_MEGATRON, pytest.mark.megatron, pytest.mark.distr
 
 
 def _run(world_size=1, overrides=(), **spec):
-    from megatron_sso.mcore.bridge_runner import TinyGPTSpec, run_pretrain
+    from megatron_sso.mcore.bridge.runner import TinyGPTSpec, run_pretrain
 
     spec.setdefault("train_iters", 4)
     return run_pretrain(TinyGPTSpec(optimizer="sso", lr=1e-2, overrides=NO_DROPOUT + tuple(overrides), **spec),
@@ -116,7 +116,7 @@ def test_deep_narrow_pipeline_parallel():
 
 
 def test_distributed_optimizer_is_refused():
-    from megatron_sso.mcore.factory import get_sphere_megatron_optimizer
+    from megatron_sso.mcore.optimizers.factory import get_sphere_megatron_optimizer
 
     config = SimpleNamespace(optimizer="sso", use_distributed_optimizer=True, fp16=False)
     with pytest.raises(ValueError, match="use_distributed_optimizer=True"):

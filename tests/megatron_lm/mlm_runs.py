@@ -18,7 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from megatron_sso.mcore.bridge_runner import free_port
+from megatron_sso.mcore.bridge.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MLM = os.environ.get("MEGATRON_LM_DIR", "").strip()

@@ -14,10 +14,10 @@ from typing import Optional
 
 import pytest
 
-from megatron_sso.mcore.config import MEGATRON_SETTINGS, sphere_config_from
-from megatron_sso.mcore.megatron_lm_args import (MEGATRON_LM_OPTIMIZERS, add_sso_arguments, apply_sso_settings,
+from megatron_sso.mcore.optimizers.config import MEGATRON_SETTINGS, sphere_config_from
+from megatron_sso.mcore.megatron_lm.args import (MEGATRON_LM_OPTIMIZERS, add_sso_arguments, apply_sso_settings,
                                                  check_sso_args, sso_flags)
-from megatron_sso.mcore.megatron_lm_hooks import _wrap_optimizer_config, _wrap_validate_args
+from megatron_sso.mcore.megatron_lm.hooks import _wrap_optimizer_config, _wrap_validate_args
 from megatron_sso.optim.config import SphereConfig
 
 MEGATRON_LM_CHOICES = ["adam", "sgd", "muon", "dist_muon"]  # arguments.py, core_v0.16.1

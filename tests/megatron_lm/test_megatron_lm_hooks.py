@@ -34,7 +34,7 @@ def run_child(code: str, *path: str) -> dict:
 
 SITES = """
     import json, sys, types
-    import megatron_sso.mcore.factory as factory
+    import megatron_sso.mcore.optimizers.factory as factory
 
     def get_megatron_optimizer(config, model_chunks, **kw):
         return "stock"
@@ -78,10 +78,10 @@ def test_install_wraps_only_the_sites_named_and_never_imports_bridge():
 
 CHECKOUT = """
     import json, sys
-    from megatron_sso.mcore.cpu_mode_megatron_lm import enable_megatron_lm_cpu_mode
+    from megatron_sso.mcore.megatron_lm.cpu_mode import enable_megatron_lm_cpu_mode
     enable_megatron_lm_cpu_mode()
     from megatron.training import arguments, initialize, training
-    from megatron_sso.mcore.megatron_lm_hooks import install_megatron_lm
+    from megatron_sso.mcore.megatron_lm.hooks import install_megatron_lm
     stock_config = training.get_megatron_optimizer_config
     patched = install_megatron_lm()
     out = {"patched": patched, "bridge": sorted(m for m in sys.modules if m.startswith("megatron.bridge"))}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_sso.megatron_lm import ENV_VAR, find_script, main
-from megatron_sso.mcore.megatron_lm_hooks import LaunchError
+from megatron_sso.mcore.megatron_lm.hooks import LaunchError
 
 ROOT = Path(__file__).resolve().parents[2]
 

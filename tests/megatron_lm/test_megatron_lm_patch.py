@@ -71,7 +71,7 @@ def test_patch_calls_names_that_exist():
     added = "\n".join(line[1:] for hunks in parse_patch(PATCH.read_text()).values()
                       for _, _, body in hunks for line in body if line.startswith("+"))
     imports = re.findall(r"from (megatron_sso[\w.]*) import ([\w, ]+)", added)
-    assert {module for module, _ in imports} == {"megatron_sso.mcore.megatron_lm_args"}
+    assert {module for module, _ in imports} == {"megatron_sso.mcore.megatron_lm.args"}
     for module, names in imports:
         mod = importlib.import_module(module)
         for name in names.split(","):
@@ -100,7 +100,7 @@ def test_patch_applies_to_the_checkout(tmp_path):
 
 RUNNER = textwrap.dedent("""
     import os, runpy, sys
-    from megatron_sso.mcore.cpu_mode_megatron_lm import enable_megatron_lm_cpu_mode
+    from megatron_sso.mcore.megatron_lm.cpu_mode import enable_megatron_lm_cpu_mode
     enable_megatron_lm_cpu_mode()  # CPU only: the optimizer wiring is the patched tree's own
     script = sys.argv[1]
     sys.path.insert(0, os.path.dirname(script))

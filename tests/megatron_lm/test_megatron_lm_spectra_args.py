@@ -13,11 +13,10 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_sso.cli.recipe import RecipeError, _check_spectra
-from megatron_sso.mcore.config import SPECTRA_SETTINGS, spectra_enabled
-from megatron_sso.mcore.megatron_lm_args import apply_spectra_settings, check_spectra_args, spectra_flags
-from megatron_sso.mcore.megatron_lm_hooks import (ALL_NAMES, _wrap_add_arguments, _wrap_optimizer_config,
+from megatron_sso.mcore.optimizers.spectra_settings import SPECTRA_SETTINGS, spectra_configs_from, spectra_enabled
+from megatron_sso.mcore.megatron_lm.args import apply_spectra_settings, check_spectra_args, spectra_flags
+from megatron_sso.mcore.megatron_lm.hooks import (ALL_NAMES, _wrap_add_arguments, _wrap_optimizer_config,
                                                   _wrap_validate_args)
-from megatron_sso.mcore.spectra_factory import spectra_configs_from
 from tests.megatron_lm.test_megatron_lm_args import (MEGATRON_LM_CHOICES, AdamConfigStandIn, megatron_like_get_config,
                                                      megatron_like_parser)
 

@@ -10,7 +10,7 @@ import warnings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from megatron_sso.mcore.cpu_mode import enable_cpu_mode
+    from megatron_sso.mcore.cpu import enable_cpu_mode
 
     enable_cpu_mode()
     import megatron.bridge.models.qwen.qwen_provider  # noqa: F401,E402

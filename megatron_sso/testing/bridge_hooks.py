@@ -14,7 +14,7 @@ import functools
 def install_same_init() -> None:
     from megatron.bridge.models.model_provider import ModelProviderMixin
 
-    from .factory import install
+    from ..mcore.optimizers.factory import install
 
     install()
     original = ModelProviderMixin.provide_distributed_model
@@ -37,8 +37,8 @@ def layer_check_probe(context) -> dict:
     ``linear_fc1`` must reproduce the two ``glu`` chunks of its output."""
     import torch
 
-    from .sphere_logging import probe
-    from .sphere_optimizer import LAYOUT_ATTR
+    from ..mcore.observe.sphere_logging import probe
+    from ..mcore.optimizers.sphere_optimizer import LAYOUT_ATTR
 
     out = probe(context)
     if int(context.state.train_state.step) != 0:  # not yet incremented: iteration 1

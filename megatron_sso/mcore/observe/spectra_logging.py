@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..ops.spectral_clip import spectra_update_scale
+from ...ops.spectral_clip import spectra_update_scale
 from .sphere_logging import inner_optimizers, interval_logging_callback
-from .sphere_optimizer import LAYOUT_ATTR
-from .spectra_optimizer import MegatronSpectra
+from ..optimizers import LAYOUT_ATTR
+from ..optimizers import MegatronSpectra
 
 
 def spectra_optimizers(optimizer: Any) -> list[MegatronSpectra]:

@@ -17,7 +17,7 @@ cleared (:class:`_LeaveAtThreadExit`); the main thread keeps it for good (its th
 destroyed after the interpreter, when torch skips the reference drop).
 ``tests/megatron/test_cpu_mode_thread_exit.py`` provokes that order.
 
-Nothing here patches anything; :func:`megatron_sso.mcore.cpu_mode.enable_cpu_mode` does.
+Nothing here patches anything; :func:`megatron_sso.mcore.cpu.mode.enable_cpu_mode` does.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..ops.retraction import spectral_mup_init_, target_radius
-from ..optim.config import SphereConfig
+from ...ops.retraction import spectral_mup_init_, target_radius
+from ...optim.config import SphereConfig
 from .sphere_optimizer import LAYOUT_ATTR, MegatronSphere
 
 

@@ -24,7 +24,7 @@ Design
   the transformer-engine stubs for Bridge, which must be installed before
   ``megatron.bridge`` is imported: call :func:`enable_cpu_mode` first.
 * Device placement goes through a ``TorchFunctionMode``
-  (:class:`~megatron_sso.mcore.cpu_devices.CudaToCpuMode`), not by editing Megatron.
+  (:class:`~megatron_sso.mcore.cpu.devices.CudaToCpuMode`), not by editing Megatron.
   ``torch.cuda.is_available()`` and ``device_count()`` keep telling the truth (False, 0),
   so Megatron still takes its own "no GPU" branches and refuses NCCL.
 * Patches are process-wide and not undone: Megatron binds many names at import time, so
@@ -52,12 +52,12 @@ from typing import Callable
 import torch
 from torch.overrides import _get_current_function_mode_stack
 
-from megatron_sso.mcore.cpu_devices import CudaToCpuMode, HostEvent, HostStream, enter_on_this_thread
-from megatron_sso.mcore.cpu_megatron_patches import (  # noqa: F401  (public names stay importable here)
+from megatron_sso.mcore.cpu.devices import CudaToCpuMode, HostEvent, HostStream, enter_on_this_thread
+from megatron_sso.mcore.cpu.megatron_patches import (  # noqa: F401  (public names stay importable here)
     MODULE_PATCHES, NotApplicable, bridge_initialize_without_cuda, bridge_seed_rng_tracker, bridge_skip_jit_warmup,
     cuda_rng_tracker_on_cpu, define_te_general_gemm, named, skip_compile_helpers_when_prebuilt,
     torch_norm_sequence_parallel)
-from megatron_sso.mcore.import_hooks import ImportHook, ModulePatch
+from megatron_sso.mcore.cpu.import_hooks import ImportHook, ModulePatch
 
 __all__ = ["BRIDGE_TE_MODULES", "CpuModeReport", "cpu_mode_enabled", "cpu_mode_report", "enable_cpu_mode"]
 

@@ -44,11 +44,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..distributed.comm import CommCounter, Group, assert_same_across, fingerprint, group_rank, group_size
-from ..distributed.data_parallel import agree_flags, all_gather_pieces
-from ..distributed.dp_plan import DPPlan, plan_dp
-from ..distributed.module_inventory import plan_item
-from ..optim.config import SphereConfig
+from ...distributed.comm import CommCounter, Group, assert_same_across, fingerprint, group_rank, group_size
+from ...distributed.data_parallel import agree_flags, all_gather_pieces
+from ...distributed.dp_plan import DPPlan, plan_dp
+from ...distributed.module_inventory import plan_item
+from ...optim.config import SphereConfig
 from .layouts import AtomicModule
 
 Tensor = torch.Tensor

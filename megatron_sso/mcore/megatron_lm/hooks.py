@@ -19,7 +19,7 @@
    hidden matrices read the betas too), restores the name and copies the ``sso_*`` or
    ``spectra_*`` values onto the config. ``adam`` with a clip on gets the ``spectra_*`` values.
 
-Then :func:`~megatron_sso.mcore.factory.install` wraps the factory names of
+Then :func:`~megatron_sso.mcore.optimizers.factory.install` wraps the factory names of
 ``megatron.training.training`` only (``sites=``; ``megatron.bridge`` is never imported):
 ``training.py`` sends ``sso``, ``signum``, ``ademamix`` and ``adam`` to ``get_megatron_optimizer``
 and, the name containing "muon", ``muon_sphere`` to ``get_megatron_muon_optimizer``.
@@ -34,8 +34,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import spectra_selected
-from .megatron_lm_args import (MEGATRON_LM_OPTIMIZERS, MEGATRON_LM_SPECTRA_OPTIMIZERS, add_spectra_arguments,
+from ..optimizers import spectra_selected
+from .args import (MEGATRON_LM_OPTIMIZERS, MEGATRON_LM_SPECTRA_OPTIMIZERS, add_spectra_arguments,
                                add_sso_arguments, apply_spectra_settings, apply_sso_settings, check_spectra_args,
                                check_sso_args)
 
@@ -120,7 +120,7 @@ def install_megatron_lm(names: Sequence[str] = ALL_NAMES) -> list[str]:
     ):
         if _replace(module, attr, wrapper, *extra):
             patched.append(f"{module.__name__}.{attr}")
-    from .factory import install
+    from ..optimizers import install
 
     return patched + install(names, sites=(SITE,))
 
@@ -138,7 +138,7 @@ def run_megatron_lm_script(script: Path, argv: Sequence[str]) -> None:
     ``model_provider``) are the ones imported. Raises LaunchError when ``megatron.training``
     does not import from there.
     """
-    from .cpu_mode_megatron_lm import enable_megatron_lm_cpu_mode
+    from .cpu_mode import enable_megatron_lm_cpu_mode
 
     enable_megatron_lm_cpu_mode()  # before Megatron is imported; a no-op with CUDA
     root = str(script.parent)

@@ -7,14 +7,14 @@ for Megatron-LM users share (the launcher's hooks in :mod:`.megatron_lm_hooks`, 
 
 * :func:`add_sso_arguments` adds ``sso``, ``muon_sphere`` to ``--optimizer`` and one ``--sso-*``
   flag per :class:`~megatron_sso.optim.config.SphereConfig` field and per
-  :data:`~megatron_sso.mcore.config.MEGATRON_SETTINGS` entry; :func:`add_spectra_arguments`
+  :data:`~megatron_sso.mcore.optimizers.config.MEGATRON_SETTINGS` entry; :func:`add_spectra_arguments`
   adds ``signum``, ``ademamix`` and one ``--spectra-*`` flag per
-  :data:`~megatron_sso.mcore.config.SPECTRA_SETTINGS` entry. Types, defaults and help come from
+  :data:`~megatron_sso.mcore.optimizers.config.SPECTRA_SETTINGS` entry. Types, defaults and help come from
   those tables, so flags and settings cannot drift. A setting whose default is ``None``
   (nullable) is ``None`` when the flag is omitted; ``none`` spells it explicitly.
 * :func:`check_sso_args`, :func:`check_spectra_args` refuse bad values and combinations with a
   ValueError naming the value, before the model (or ``torch.distributed``) exists. The SPECTRA
-  rule is :func:`~megatron_sso.mcore.config.check_spectra`, the one the Bridge CLI applies.
+  rule is :func:`~megatron_sso.mcore.optimizers.config.check_spectra`, the one the Bridge CLI applies.
 * :func:`apply_sso_settings`, :func:`apply_spectra_settings` copy the values onto Megatron's
   Adam ``OptimizerConfig`` as attributes, where the factories read them.
 
@@ -43,8 +43,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from ..optim.config import SphereConfig
-from .config import (MEGATRON_SETTINGS, SPECTRA_OPTIMIZERS, SPECTRA_REFUSED, SPECTRA_SETTINGS, check_spectra,
+from ...optim.config import SphereConfig
+from ..optimizers import (MEGATRON_SETTINGS, SPECTRA_OPTIMIZERS, SPECTRA_REFUSED, SPECTRA_SETTINGS, check_spectra,
                      megatron_setting, spectra_selected, sphere_config_from)
 
 MEGATRON_LM_OPTIMIZERS = ("sso", "muon_sphere")
@@ -269,9 +269,9 @@ def get_megatron_sso_optimizer(config: Any, model_chunks: list, **kwargs: Any):
     the SPECTRA factory otherwise (it refuses a name without a SPECTRA form). For the patched
     tree's ``setup_model_and_optimizer``; ``kwargs`` go to the factory."""
     if config.optimizer in MEGATRON_LM_OPTIMIZERS:
-        from .factory import get_sphere_megatron_optimizer
+        from ..optimizers import get_sphere_megatron_optimizer
 
         return get_sphere_megatron_optimizer(config, model_chunks, **kwargs)
-    from .spectra_factory import get_spectra_megatron_optimizer
+    from ..optimizers import get_spectra_megatron_optimizer
 
     return get_spectra_megatron_optimizer(config, model_chunks, **kwargs)

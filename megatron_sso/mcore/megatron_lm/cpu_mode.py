@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .cpu_megatron_patches import bridge_initialize_without_cuda, bridge_skip_jit_warmup
-from .cpu_mode import add_module_patches, enable_cpu_mode
+from ..cpu import bridge_initialize_without_cuda, bridge_skip_jit_warmup
+from ..cpu import add_module_patches, enable_cpu_mode
 
 
 def megatron_lm_initialize_without_cuda(training: types.ModuleType) -> None:

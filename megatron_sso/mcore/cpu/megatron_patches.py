@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from megatron_sso.mcore.import_hooks import ModulePatch
+from megatron_sso.mcore.cpu.import_hooks import ModulePatch
 
 __all__ = ["MODULE_PATCHES", "NotApplicable", "bridge_initialize_without_cuda", "bridge_seed_rng_tracker",
            "bridge_skip_jit_warmup", "cuda_rng_tracker_on_cpu", "define_te_general_gemm", "named",

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from .sphere_optimizer import LAYOUT_ATTR, MegatronSphere
+from ..optimizers import LAYOUT_ATTR, MegatronSphere
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def log_sphere_stats(optimizer: Any, iteration: int, writer: Optional[Any] = Non
 def exact_norm_errors(optimizer: Any) -> dict[str, float]:
     """Per kind, max ``| ||W||_2 / R - 1 |`` over the stored modules, by exact SVD (tests and
     debugging: expensive). TP-sharded modules are gathered first."""
-    from ..ops.retraction import target_radius
+    from ...ops.retraction import target_radius
 
     out: dict[str, float] = {}
     for opt in sphere_optimizers(optimizer):

@@ -42,11 +42,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..distributed.comm import CommCounter
-from ..ops.lambda_solver import initial_slope
-from ..ops.retraction import target_radius, update_scale
-from ..optim.config import SphereConfig
-from ..optim.sphere_update import SphereBuffers, sphere_update_
+from ...distributed.comm import CommCounter
+from ...ops.lambda_solver import initial_slope
+from ...ops.retraction import target_radius, update_scale
+from ...optim.config import SphereConfig
+from ...optim.sphere_update import SphereBuffers, sphere_update_
 from .dp_shard import STAT_FIELDS, ModuleRef, ShardDomain, combine_stats, stats_width
 from .layouts import AtomicModule, ParamLayout
 from .tp_modules import ModuleGatherMixin

@@ -29,7 +29,8 @@ import importlib
 import logging
 from typing import Any, Optional
 
-from .config import SPECTRA_OPTIMIZERS, SPHERE_OPTIMIZERS, megatron_setting, spectra_selected, sphere_config_from
+from .config import SPHERE_OPTIMIZERS, megatron_setting, sphere_config_from
+from .spectra_settings import SPECTRA_OPTIMIZERS, spectra_selected
 from .chain import build_chain, route  # noqa: F401  (route: the routing table, re-exported)
 from .dp_shard import dp_groups_of
 from .sphere_optimizer import MegatronSphere, check_cache_fits, init_sphere_state
@@ -105,7 +106,7 @@ def _wrap(original, names: tuple[str, ...]):
             kwargs.pop("layer_wise_distributed_optimizer", None)  # Bridge's muon call site
             return get_sphere_megatron_optimizer(config, model_chunks, *args, **kwargs)
         if spectra_selected(config) and (mode == "adam" or mode in names):
-            from .spectra_factory import get_spectra_megatron_optimizer  # imports this module
+            from .spectra_factory import get_spectra_megatron_optimizer  # loaded only when SPECTRA is asked for
 
             kwargs.pop("layer_wise_distributed_optimizer", None)
             return get_spectra_megatron_optimizer(config, model_chunks, *args, **kwargs)
@@ -122,7 +123,7 @@ def install(names: tuple[str, ...] = SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS,
 
     Idempotent. Call it in every rank before training starts (for Bridge: before
     ``pretrain``). ``names`` may drop ``"muon"`` to keep Megatron's own Muon. ``adam`` with a
-    SPECTRA clip on (:func:`~.config.spectra_enabled`) always goes to
+    SPECTRA clip on (:func:`~.spectra_settings.spectra_enabled`) always goes to
     :mod:`.spectra_factory`; plain ``adam`` always stays Megatron's.
 
     ``sites`` are the modules whose factory names are wrapped. By default every module of

@@ -30,8 +30,8 @@ def _poisoned_module(opt):
 def install_nan_on_one_rank() -> None:
     import torch.distributed as dist
 
-    from .sphere_optimizer import MegatronSphere
-    from .testing_hooks import install_same_init
+    from ..mcore.optimizers.sphere_optimizer import MegatronSphere
+    from .bridge_hooks import install_same_init
 
     install_same_init()
     original = MegatronSphere.step
@@ -57,7 +57,7 @@ def _sha(t) -> str:
 
 
 def dp_probe(context) -> dict:
-    from .sphere_logging import probe, sphere_optimizers
+    from ..mcore.observe.sphere_logging import probe, sphere_optimizers
 
     out = probe(context)
     digest = hashlib.sha256()

@@ -39,10 +39,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..ops.power_iteration import default_start_vector, power_iteration
-from ..ops.spectral_clip import soft_spectral_clip, spectra_update_scale
-from ..optim.direction_optimizer import run_closure
-from ..optim.spectra import BASE_OPTIMIZERS, SpectraConfig, spectra_clip_update
+from ...ops.power_iteration import default_start_vector, power_iteration
+from ...ops.spectral_clip import soft_spectral_clip, spectra_update_scale
+from ...optim.direction_optimizer import run_closure
+from ...optim.spectra import BASE_OPTIMIZERS, SpectraConfig, spectra_clip_update
 from .layouts import AtomicModule, ParamLayout
 from .sphere_optimizer import LAYOUT_ATTR, init_sphere_state
 from .tp_modules import ModuleGatherMixin

@@ -70,8 +70,8 @@ def _matrices(model: list) -> list[tuple[str, torch.Tensor]]:
 @torch.no_grad()
 def spectral_snapshot(model: list, split: bool = True) -> dict[str, float]:
     """Per module kind: mean / max / min of ``sigma / R`` over the atomic modules, by exact SVD."""
-    from ..ops.retraction import target_radius
-    from .layouts import param_layout
+    from ...ops.retraction import target_radius
+    from ..optimizers import param_layout
 
     cfg = _unwrap(model[0]).config
     ratios: dict[str, list[float]] = defaultdict(list)

@@ -31,65 +31,11 @@ import functools
 import logging
 from typing import Any, Optional
 
-from ..optim.ademamix import AdEMAMixConfig
-from ..optim.signum import SignumConfig
-from ..optim.spectra import DEFAULT_CLIP_C, DEFAULT_PRE_CLIP_C, AdamWConfig, SpectraConfig
-from .config import SPECTRA_OPTIMIZERS, SPECTRA_REFUSED, spectra_setting
+from .spectra_settings import SPECTRA_REFUSED, spectra_configs_from, spectra_setting
 from .chain import build_chain
 from .spectra_optimizer import MegatronSpectra, init_spectra_state
 
 logger = logging.getLogger(__name__)
-
-BASES = {"adam": "adamw", "signum": "signum", "ademamix": "ademamix"}
-"""Megatron ``optimizer`` value -> SPECTRA base optimiser."""
-
-
-def _level(config: Any, name: str) -> Optional[float]:
-    value = spectra_setting(config, name)
-    if value is None or value == 0.0:
-        return None
-    if not value > 0.0 or value == float("inf"):
-        raise ValueError(f"{name} must be null, 0 (off) or a positive finite number, got {value!r}")
-    return value
-
-
-def spectra_configs_from(config: Any) -> tuple[SpectraConfig, Any]:
-    """``(SpectraConfig, base config)`` for a Megatron ``OptimizerConfig``.
-
-    The base config takes ``adam_beta1``, ``adam_beta2``, ``adam_eps`` (AdamW, AdEMAMix) and the
-    ``spectra_signum_*`` / ``spectra_ademamix_*`` settings; its weight decay is a placeholder
-    (each param group's scheduled value is used). Raises ValueError naming the bad key.
-    """
-    mode = getattr(config, "optimizer", None)
-    if mode not in BASES:
-        raise ValueError(f"optimizer={mode!r} has no SPECTRA form; choose one of {sorted(BASES)}")
-    post, pre = _level(config, "spectra_post_clip"), _level(config, "spectra_pre_clip")
-    clip = spectra_setting(config, "spectra_mode")
-    if clip not in ("soft", "hard"):
-        raise ValueError(f"spectra_mode must be 'soft' or 'hard', got {clip!r}")
-    values = {f: spectra_setting(config, f"spectra_{f}")
-              for f in ("clip_steps", "clip_dtype", "shape_scale", "stats_power_iters")}
-    try:
-        cfg = SpectraConfig(base=BASES[mode], clip=clip if post else "none", c=post or DEFAULT_CLIP_C["cosine"],
-                            pre_clip=pre is not None, pre_clip_c=pre or DEFAULT_PRE_CLIP_C, **values)
-    except ValueError as exc:
-        raise ValueError(f"bad SPECTRA setting (optimizer.spectra_<name>): {exc}") from None
-    betas = dict(beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps)
-    try:
-        if mode == "adam":
-            base = AdamWConfig(**betas, weight_decay=0.0)
-        elif mode == "signum":
-            base = SignumConfig(momentum=spectra_setting(config, "spectra_signum_momentum"))
-        else:
-            base = AdEMAMixConfig(**betas, weight_decay=0.0,
-                                  beta3=spectra_setting(config, "spectra_ademamix_beta3"),
-                                  alpha=spectra_setting(config, "spectra_ademamix_alpha"),
-                                  alpha_warmup=spectra_setting(config, "spectra_ademamix_alpha_warmup"),
-                                  beta3_warmup=spectra_setting(config, "spectra_ademamix_beta3_warmup"))
-    except ValueError as exc:
-        raise ValueError(f"optimizer={mode!r}: {exc} (adam_beta1/adam_beta2/adam_eps or spectra_{mode}_*)") from None
-    return cfg, base
-
 
 @functools.lru_cache(maxsize=None)
 def _wrapper_classes():
@@ -146,4 +92,4 @@ def get_spectra_megatron_optimizer(config: Any, model_chunks: list, config_overr
     return chain.optimizer
 
 
-__all__ = ["BASES", "SPECTRA_OPTIMIZERS", "get_spectra_megatron_optimizer", "spectra_configs_from"]
+__all__ = ["get_spectra_megatron_optimizer"]

@@ -2,18 +2,18 @@
 
 Used by the integration tests (stock Adam here; SSO and friends later) and the CLI:
 
-    >>> from megatron_sso.mcore.bridge_runner import TinyGPTSpec, run_pretrain
+    >>> from megatron_sso.mcore.bridge.runner import TinyGPTSpec, run_pretrain
     >>> run = run_pretrain(TinyGPTSpec(train_iters=4), world_size=2)
     >>> run.losses          # {iteration: "lm loss"} as reduced by Megatron
     {1: 5.559, 2: 5.538, 3: 5.407, 4: 5.213}
 
-or from a shell: ``python -m megatron_sso.mcore.bridge_runner --world-size 2 --tp 2
+or from a shell: ``python -m megatron_sso.mcore.bridge.runner --world-size 2 --tp 2
 model.sequence_parallel=true``.
 
 Every rank is a fresh process (Megatron keeps global state) started with
 ``torch.multiprocessing`` (forked from a forkserver that has preloaded Megatron-Bridge, or
 spawned), rendezvousing on 127.0.0.1 with the gloo backend.
-Each rank calls :func:`megatron_sso.mcore.cpu_mode.enable_cpu_mode` first (a no-op on a
+Each rank calls :func:`megatron_sso.mcore.cpu.mode.enable_cpu_mode` first (a no-op on a
 GPU machine), optionally runs a *setup hook* (``"package.module:function"``, e.g. to
 register an optimizer), builds the Bridge ``ConfigContainer`` from a picklable
 :class:`TinyGPTSpec`, applies Hydra-style dotted overrides, runs ``pretrain`` with a
@@ -80,7 +80,7 @@ class TinyGPTSpec:
 def build_tiny_config(spec: TinyGPTSpec):
     """The Megatron-Bridge ``ConfigContainer`` for ``spec`` (imports Megatron-Bridge).
 
-    On a CPU call :func:`~megatron_sso.mcore.cpu_mode.enable_cpu_mode` before this.
+    On a CPU call :func:`~megatron_sso.mcore.cpu.mode.enable_cpu_mode` before this.
     """
     import torch
     from megatron.bridge.models.gpt_provider import GPTModelProvider
@@ -126,11 +126,11 @@ def build_tiny_config(spec: TinyGPTSpec):
     else:
         model = GPTModelProvider(**common)
     dist_opt = spec.use_distributed_optimizer
-    from .config import SPECTRA_OPTIMIZERS, SPHERE_OPTIMIZERS
+    from ..optimizers import SPECTRA_OPTIMIZERS, SPHERE_OPTIMIZERS
 
     spectra = any(o.startswith("optimizer.spectra_") for o in spec.overrides)
     if spec.optimizer in SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS or spectra:  # the subclass with sso_*/spectra_*
-        from .config import SSOOptimizerConfig as OptimizerConfig  # noqa: N814
+        from ..optimizers import SSOOptimizerConfig as OptimizerConfig  # noqa: N814
     cfg = ConfigContainer(
         model=model,
         train=TrainingConfig(
@@ -238,7 +238,7 @@ def _rank_main(local_rank: int, world_size: int, port: int, spec: TinyGPTSpec,
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    from megatron_sso.mcore.cpu_mode import cpu_mode_report, enable_cpu_mode
+    from megatron_sso.mcore.cpu import cpu_mode_report, enable_cpu_mode
 
     cpu = enable_cpu_mode()
     _call_hook(setup_hook)
@@ -272,7 +272,7 @@ def _rank_main(local_rank: int, world_size: int, port: int, spec: TinyGPTSpec,
         torch.distributed.destroy_process_group()
 
 
-_PRELOAD = "megatron_sso.mcore._bridge_preload"
+PRELOAD = "megatron_sso.mcore.bridge.preload"
 
 
 def join_ranks(ctx, deadline: Optional[float], timeout_message: str) -> None:
@@ -302,7 +302,7 @@ def run_pretrain(spec: TinyGPTSpec = TinyGPTSpec(), world_size: int = 1, *,
     RuntimeError if a rank fails or the run exceeds ``timeout_s``.
 
     ``start_method="forkserver"`` (default) forks every rank from one server process per
-    parent that has imported Megatron-Bridge once (:mod:`._bridge_preload`): a rank starts
+    parent that has imported Megatron-Bridge once (:mod:`.preload`): a rank starts
     in about a second instead of ~10 s of imports. The server keeps the environment of the
     moment it started. ``"spawn"`` starts every rank from scratch.
     """
@@ -314,7 +314,7 @@ def run_pretrain(spec: TinyGPTSpec = TinyGPTSpec(), world_size: int = 1, *,
     if world_size % (tp * pp):
         raise ValueError(f"world_size={world_size} is not a multiple of TP*PP={tp * pp}")
     if start_method == "forkserver":
-        multiprocessing.get_context("forkserver").set_forkserver_preload([_PRELOAD])
+        multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="megatron_sso_run_") as out_dir:
         ctx = mp.start_processes(
@@ -337,7 +337,7 @@ def run_pretrain(spec: TinyGPTSpec = TinyGPTSpec(), world_size: int = 1, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m megatron_sso.mcore.bridge_runner``: run and print the losses as JSON."""
+    """``python -m megatron_sso.mcore.bridge.runner``: run and print the losses as JSON."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

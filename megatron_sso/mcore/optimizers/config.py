@@ -1,0 +1,111 @@
+"""Where the sphere optimizers' settings live in a Megatron ``OptimizerConfig``.
+
+Megatron's factory receives one ``OptimizerConfig`` object and ``ChainedOptimizer`` asserts
+that every member optimizer holds an *equal* config, so the SSO settings must travel inside
+that same object. We subclass the config class (Bridge's deferred-post-init
+``OptimizerConfig`` when Megatron-Bridge is importable, else megatron-core's) and add one
+``sso_<field>`` attribute per :class:`~megatron_sso.optim.config.SphereConfig` field plus a
+few Megatron-side settings, and the ``spectra_*`` settings of :data:`.spectra_settings.SPECTRA_SETTINGS`
+(``optimizer: adam | signum | ademamix`` with SPECTRA clipping). Because the subclass is a
+real dataclass, Bridge's YAML merge and Hydra overrides see the fields:
+``optimizer.sso_lambda_tol=1e-4`` or ``optimizer.spectra_post_clip=5`` work, and a YAML may name
+the class with ``_target_: megatron_sso.mcore.optimizers.config.SSOOptimizerConfig``.
+
+A plain ``OptimizerConfig`` works too: missing ``sso_*`` attributes take the defaults
+(Megatron-LM's argument hook sets them as attributes on the stock object).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from ...optim.config import SphereConfig
+from .spectra_settings import SPECTRA_SETTINGS
+
+SPHERE_OPTIMIZERS = ("sso", "muon_sphere", "muon")
+"""``optimizer`` values that select our optimizers (the value is the SphereConfig ``mode``)."""
+
+MEGATRON_SETTINGS: dict[str, tuple[type, Any, str]] = {
+    "sso_split_qkv": (bool, True, "split fused QKV into one atomic module per Q head, K group, V group"),
+    "sso_split_glu": (bool, True, "split a gated (SwiGLU) fc1 into its gate and up halves"),
+    "sso_router_on_sphere": (bool, False, "optimise the MoE router weight on the sphere (default: AdamW)"),
+    "sso_mup_init": (bool, False, "rescale every atomic module to its radius when the optimizer is built"),
+    "sso_tp_mode": (str, "duplicated", "TP-sharded modules: 'duplicated' (all-gather, update, keep own slice)"),
+    "sso_dp_shard": (bool, True, "update each atomic module on one data-parallel rank and all-gather the "
+                     "result (state stays replicated); false: every rank updates every module"),
+}
+"""Settings of the Megatron integration itself (name: type, default, meaning)."""
+
+_BASE_CLASS = None
+
+
+def _base_optimizer_config():
+    """Bridge's ``OptimizerConfig`` (defers ``__post_init__`` to ``finalize()``, which Bridge
+    calls) when importable, else megatron-core's."""
+    try:
+        from megatron.bridge.training.config import OptimizerConfig
+    except Exception:  # Bridge missing (Megatron-LM users) or not importable without CPU mode
+        from megatron.core.optimizer import OptimizerConfig
+    return OptimizerConfig
+
+
+def _sphere_fields() -> list[tuple[str, type, Any]]:
+    defaults = SphereConfig()
+    out = []
+    for f in dataclasses.fields(SphereConfig):
+        if f.name == "mode":  # chosen by ``optimizer``
+            continue
+        value = getattr(defaults, f.name)
+        out.append((f"sso_{f.name}", type(value), dataclasses.field(default=value)))
+    for name, (typ, default, _) in MEGATRON_SETTINGS.items():
+        out.append((name, typ, dataclasses.field(default=default)))
+    for name, (typ, default, _) in SPECTRA_SETTINGS.items():
+        out.append((name, Optional[typ] if default is None else typ, dataclasses.field(default=default)))
+    return out
+
+
+def __getattr__(name: str):
+    # Built lazily: importing this module must not import Megatron (pytest's process, layering).
+    if name == "SSOOptimizerConfig":
+        global _BASE_CLASS
+        if _BASE_CLASS is None:
+            _BASE_CLASS = dataclasses.make_dataclass(
+                "SSOOptimizerConfig", _sphere_fields(), bases=(_base_optimizer_config(),),
+                namespace={"__doc__": "Megatron OptimizerConfig plus the ``sso_*`` settings "
+                                      "(see megatron_sso.mcore.optimizers.config).",
+                           "__module__": __name__},
+            )
+            _BASE_CLASS.__qualname__ = "SSOOptimizerConfig"
+        return _BASE_CLASS
+    raise AttributeError(name)
+
+
+def sphere_config_from(config: Any) -> SphereConfig:
+    """The :class:`SphereConfig` that ``config`` (a Megatron ``OptimizerConfig``) selects.
+
+    ``config.optimizer`` is the mode; every ``sso_<field>`` attribute present overrides the
+    SphereConfig default. Raises ValueError for an unknown optimizer name or a bad value.
+    """
+    mode = getattr(config, "optimizer", None)
+    if mode not in SPHERE_OPTIMIZERS:
+        raise ValueError(f"optimizer={mode!r} is not a sphere optimizer; choose one of {SPHERE_OPTIMIZERS}")
+    values = {"mode": mode}
+    for name in SphereConfig.field_names():
+        if name != "mode" and hasattr(config, f"sso_{name}"):
+            values[name] = getattr(config, f"sso_{name}")
+    return SphereConfig(**values)
+
+
+def megatron_setting(config: Any, name: str) -> Any:
+    """A Megatron-side setting (``sso_split_qkv``...) with its default when absent."""
+    typ, default, _ = MEGATRON_SETTINGS[name]
+    value = getattr(config, name, default)
+    if typ is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    if name == "sso_tp_mode" and value != "duplicated":
+        raise ValueError(f"sso_tp_mode={value!r} is not available yet; use 'duplicated' "
+                         "(the sharded mode arrives with megatron_sso.distributed)")
+    return value
+
+
