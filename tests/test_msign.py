@@ -1,5 +1,7 @@
 """msign (Newton-Schulz) against the float64 SVD polar factor."""
 
+import re
+
 import pytest
 import torch
 
@@ -91,3 +93,30 @@ def test_sharded_hooks_match_single_process():
 
         out = msign(stacked, allreduce=allreduce, partition_dim=pdim)
         torch.testing.assert_close(torch.cat(list(out), dim=pdim), msign(X), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["standard", "gram"])
+@pytest.mark.parametrize("scale", [1e-12, 1e-20, 1e-30, 1e-38, 1e-41])
+def test_tiny_gradients_keep_their_polar_factor(scale, method):
+    """msign is scale-invariant, so a gradient with ||G||_F far below 1 must give the same U V^T.
+    (With 1e-7 added to the norm, ||G||_F = 1e-12 gave spectral norm 0.018 instead of 1; in fp32
+    the sum of squares underflows once entries drop below ~1e-19.) The reference is the float64
+    SVD of the float32 input itself, so the rounding of subnormal entries (1e-41) is not counted."""
+    X = _well_conditioned(16, 48).float() * scale
+    assert X.abs().max() > 0
+    err = (msign(X, method=method).double() - msign_ref(X.double())).abs().max().item()
+    assert err < 1e-4, err
+
+
+def test_tiny_gradient_sharded_matches_single_process():
+    X = _well_conditioned(12, 20).float() * 1e-30
+    stacked = torch.stack(list(X.chunk(2, dim=1)))
+    out = msign(stacked, allreduce=lambda t: t.sum(dim=0, keepdim=True).expand_as(t).clone(), partition_dim=1)
+    torch.testing.assert_close(torch.cat(list(out), dim=1), msign(X), atol=1e-5, rtol=0)
+    assert abs(torch.linalg.matrix_norm(msign(X), ord=2).item() - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("bad", [None, 3, ["sso8"], [(1.0, 2.0)], []])
+def test_bad_coefficients_name_the_valid_sets(bad):
+    with pytest.raises(ValueError, match=r"one of \['muon5', 'sso8'\].*got " + re.escape(repr(bad))):
+        msign(torch.randn(3, 3), coefficients=bad)

@@ -62,8 +62,10 @@ DEFAULT_STEPS: dict[str, int] = {"sso8": 8, "muon5": 5}
 """Number of steps each set was designed for (8 in the SSO paper, 5 in Muon)."""
 
 NORM_EPS = 1e-7
-"""Added to the Frobenius norm before dividing, so that a zero matrix maps to zero (not NaN).
-Far below the norm of any normalised momentum (which is exactly 1)."""
+"""Added to the Frobenius norm before dividing by the callers that normalise a momentum whose
+norm is ~1 (``optim.sphere_update``, ``ops.gram_residual``), so that a zero matrix maps to zero.
+:func:`msign` does not use it: added to a small norm it shrinks the input (at ||X||_F = 1e-12 the
+result had spectral norm 0.018 instead of 1), so :func:`frobenius_normalise` divides exactly."""
 
 _DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
 
@@ -71,20 +73,26 @@ _DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
 def resolve_coefficients(
     coefficients: Union[str, Sequence[Sequence[float]]], steps: Optional[int]
 ) -> list[tuple[float, float, float]]:
-    """Return the ``steps`` per-step ``(a, b, c)`` triples for a named or explicit set."""
+    """Return the ``steps`` per-step ``(a, b, c)`` triples for a named or explicit set.
+    Anything else (``None``, a number, malformed triples) is a ValueError naming the set names."""
+    names = sorted(COEFFICIENT_SETS)
     if isinstance(coefficients, str):
         if coefficients not in COEFFICIENT_SETS:
             raise ValueError(
                 f"unknown Newton-Schulz coefficient set {coefficients!r}; "
-                f"choose one of {sorted(COEFFICIENT_SETS)}"
+                f"choose one of {names}"
             )
         table = COEFFICIENT_SETS[coefficients]
         if steps is None:
             steps = DEFAULT_STEPS[coefficients]
     else:
-        table = tuple(tuple(float(x) for x in t) for t in coefficients)
+        try:
+            table = tuple(tuple(float(x) for x in t) for t in coefficients)
+        except (TypeError, ValueError):
+            table = ()
         if not table or any(len(t) != 3 for t in table):
-            raise ValueError(f"coefficients must be (a, b, c) triples, got {coefficients!r}")
+            raise ValueError(f"Newton-Schulz coefficients must be a set name (one of {names}) or a "
+                             f"sequence of (a, b, c) triples, got {coefficients!r}")
         if steps is None:
             steps = len(table)
     if int(steps) != steps or steps < 1:
@@ -129,6 +137,25 @@ def gram_newton_schulz(G: Tensor, table: Sequence[tuple[float, float, float]]) -
             A = P @ (P @ A)
             A = 0.5 * (A + A.mT)
     return Q
+
+
+def frobenius_normalise(Y: Tensor, allreduce: Optional[AllReduce] = None) -> Tensor:
+    """``Y / ||Y||_F`` for each matrix of ``Y`` (last two dims), in ``Y``'s dtype; zero stays zero.
+
+    Exact for every finite input, however small. The sum of squares is taken in float64: in
+    float32 an entry below ~1e-19 squares to a subnormal or to zero, so the norm of a matrix of
+    such entries comes out wrong or 0; float64 squares stay normal down to the smallest float32
+    subnormal (1.4e-45 -> 2e-90). The reciprocal is applied as two equal factors
+    ``||Y||_F^-1/2`` because ``1/||Y||_F`` alone overflows float32 (and bfloat16) once
+    ``||Y||_F < 2.9e-39``, and float16 far sooner; each factor stays within range. Under tensor
+    parallelism ``allreduce`` sums the float64 sums of squares (one scalar per matrix, 8 bytes).
+    """
+    sq = torch.linalg.vector_norm(Y, dim=(-2, -1), keepdim=True, dtype=torch.float64).square()
+    if allreduce is not None:
+        sq = allreduce(sq)
+    norm = sq.sqrt()
+    half = torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt().to(Y.dtype)
+    return Y * half * half
 
 
 MsignMethod = Literal["standard", "gram"]
@@ -184,10 +211,7 @@ def msign(
         transpose = partition_dim == 0
     if transpose:
         Y = Y.mT
-    sq = Y.square().sum(dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    if allreduce is not None:
-        sq = allreduce(sq)
-    Y = Y / (sq.sqrt() + NORM_EPS).to(compute_dtype)
+    Y = frobenius_normalise(Y, allreduce)
     if method == "gram" and Y.size(-2) <= Y.size(-1):
         G = Y @ Y.mT
         if allreduce is not None:
