@@ -69,6 +69,7 @@ class _Domain:
         self.plan: DPPlan = plan_dp(items, group_size(dp), model=opt.cost_model, split=opt.dp_split,
                                     tolerance=opt.imbalance_tolerance)
         self.me = group_rank(dp)
+        self._indices: dict[tuple, Tensor] = {}
         tp_ar = make_allreduce(tp, opt.counter, "tp")
         cache = SubgroupCache(dp, opt.subgroup_factory)
         self.units: list[Unit] = []
@@ -130,9 +131,17 @@ class _Domain:
         flags[:n] += torch.stack(bad).float()
         agree_flags(flags, self.dp, counter, "dp")
         if self.tp_split and group_size(self.tp) > 1:
-            idx = torch.tensor(self.tp_split + [n + i for i in self.tp_split], device=device)
+            idx = self.index(self.tp_split + [n + i for i in self.tp_split], device)
             flags[idx] = agree_flags(flags[idx].contiguous(), self.tp, counter, "tp")
         return flags
+
+    def index(self, idx: list[int], device: torch.device) -> Tensor:
+        """``idx`` as an index tensor on ``device``, built once: ``torch.tensor(list,
+        device=cuda)`` copies from pageable host memory, which waits for the device."""
+        key = (tuple(idx), torch.device(device))
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+        return self._indices[key]
 
     def gather(self, counter: CommCounter) -> None:
         views: list[list[Tensor]] = [[] for _ in range(self.plan.world)]
@@ -207,7 +216,7 @@ class DistributedSpectralSphere(torch.optim.Optimizer):
             self.domains.append(_Domain("expert", expert, expert_tp_group, expert_dp_group, len(dense), self))
         self._last: dict[str, float] = {}
         self._last_stats: Optional[StepStats] = None
-        self._no_grad = torch.zeros(())
+        self._no_grad = torch.zeros((), device=self.device)
 
     @property
     def plans(self) -> dict[str, DPPlan]:
@@ -231,6 +240,47 @@ class DistributedSpectralSphere(torch.optim.Optimizer):
         out["skipped_nonfinite"] -= missing
         return out
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's dict (param groups; ``state`` is empty: nothing is kept per parameter) plus
+        ``unit_state``: each of this rank's units' state (momentum, cached singular block,
+        lambda, slope, warm flag) under :meth:`Unit.state_key`. The tensors are the live ones,
+        as in torch's own ``state_dict``; ``torch.save`` copies them."""
+        out = super().state_dict()
+        out["unit_state"] = {u.state_key(): dict(u.state) for u in self.units if u.state}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` saved by an optimizer over the same modules and groups
+        (the same plan, so the same units on this rank); a unit missing on either side or a
+        tensor of another shape is a ValueError naming it. Tensors are copied to the unit's
+        device; the run continues exactly as if it had not stopped."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("unit_state", None)
+        if saved is None:
+            raise ValueError("this state dict has no 'unit_state' (not saved by DistributedSpectralSphere)")
+        units = {u.state_key(): u for u in self.units}
+        extra = sorted(set(saved) - set(units))
+        if extra:
+            raise ValueError(f"saved state for units {extra} that this rank does not update (another "
+                             f"module list, group size or plan); this rank's units: {sorted(units)}")
+        super().load_state_dict(state_dict)
+        for key, unit in units.items():
+            if key not in saved:
+                unit.state.clear()  # never stepped when saved: starts cold, as it would have
+                continue
+            restored = {}
+            for name, value in saved[key].items():
+                if isinstance(value, Tensor):
+                    old = unit.state.get(name)
+                    if old is not None and old.shape != value.shape:
+                        raise ValueError(f"unit {key}: saved {name} has shape {tuple(value.shape)}, "
+                                         f"this optimizer's has {tuple(old.shape)}")
+                    value = value.detach().to(device=unit.weight().device, copy=True)
+                restored[name] = value
+            unit.state.clear()
+            unit.state.update(restored)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         loss = None
@@ -251,7 +301,7 @@ class DistributedSpectralSphere(torch.optim.Optimizer):
             # Local batches need no peers; collective ones run in the global key order.
             ordered = sorted(groups.values(), key=lambda us: (us[0].kind != "local", min(u.key for u in us)))
             for us in ordered:
-                idx = torch.tensor([u.item for u in us], device=self.device)
+                idx = d.index([u.item for u in us], self.device)
                 batches.append(step_batch(us, self.config, lr, skip[idx], self.grad_attr, self.counter))
                 no_grad = no_grad + ((flags[n + idx] > 0) & (flags[idx] == 0)).sum()
             d.gather(self.counter)

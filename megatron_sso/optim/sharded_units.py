@@ -68,6 +68,11 @@ class Unit:
         g = self.module.grad(attr)
         return None if g is None else self._cut(g)
 
+    def state_key(self) -> str:
+        """Names this unit's state in a checkpoint: domain position, piece and kind (the same
+        for the same modules, groups and plan, whatever the process)."""
+        return f"{self.key}:{self.start}+{self.length}:{self.kind}"
+
     def batch_key(self) -> tuple:
         w = self.weight()
         warm = ("right_block" in self.state, bool(self.state.get("lambda_warm", False)))
