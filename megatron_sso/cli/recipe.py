@@ -30,8 +30,9 @@ from typing import Any
 
 import yaml
 
-OPTIMIZERS = ("sso", "muon_sphere", "muon", "adam", "signum", "ademamix")
-"""Values of ``--optimizer`` / ``optimizer.optimizer`` this launcher accepts. ``signum`` and
+OPTIMIZERS = ("sso", "muon_sphere", "muon", "muon_hyperball", "adam", "signum", "ademamix")
+"""Values of ``--optimizer`` / ``optimizer.optimizer`` this launcher accepts (``muon_hyperball``:
+Muon on the Frobenius sphere, ``megatron_sso.optim.hyperball``). ``signum`` and
 ``ademamix`` (and ``adam`` with ``optimizer.spectra_post_clip`` / ``spectra_pre_clip`` set) run
 SPECTRA (``megatron_sso.mcore.optimizers.spectra_factory``)."""
 

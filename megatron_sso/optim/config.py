@@ -1,4 +1,4 @@
-"""One frozen configuration for every sphere-family optimizer (SSO, MuonSphere, Muon).
+"""One frozen configuration for every sphere-family optimizer (SSO, MuonSphere, Muon, Muon-Hyperball).
 
 Recipes choose values; behaviour lives in code. Each field's default is the paper's choice
 (Xie et al., arXiv 2601.08393, §6.1 and the released scripts; SPEC §2) unless it says otherwise.
@@ -15,7 +15,8 @@ import torch
 from ..ops.newton_schulz import COEFFICIENT_SETS
 from .direction_optimizer import ConfigFields
 
-Mode = Literal["sso", "muon_sphere", "muon"]
+Mode = Literal["sso", "muon_sphere", "muon", "hyperball"]
+MODES = ("sso", "muon_sphere", "muon", "hyperball")
 LambdaSolver = Literal["secant", "bisect"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -28,7 +29,9 @@ class SphereConfig(ConfigFields):
     mode: Mode = "sso"
     """``sso``: retract, then the tangent steepest direction ``msign(M + lambda* Theta)``;
     ``muon_sphere``: retract, then ``msign(M)`` (lambda = 0); ``muon``: ``msign(M)`` with no
-    retraction (the baseline)."""
+    retraction (the baseline); ``hyperball``: Muon-Hyperball (arXiv 2606.16899), the Frobenius
+    sphere ``W <- R normalize(W - lr R normalize(msign(M)))`` with ``R`` each module's initial
+    Frobenius norm (see ``radius_scaler`` and :mod:`megatron_sso.optim.hyperball`)."""
 
     momentum: float = 0.9
     """EMA coefficient beta of the momentum ``m <- beta m + (1 - beta) g`` (paper: 0.9)."""
@@ -99,7 +102,9 @@ class SphereConfig(ConfigFields):
     """Sphere radius rule, see :func:`megatron_sso.ops.target_radius` (paper: spectral_mup)."""
 
     radius_scaler: float = 1.0
-    """The ``c`` in ``R = c sqrt(d_out / d_in)`` (paper: 1)."""
+    """The ``c`` in ``R = c sqrt(d_out / d_in)`` (paper: 1). In ``hyperball`` mode the Frobenius
+    radius is ``c ||W_0||_F``, ``W_0`` the module's weight at its first step (Hyperball paper: 1),
+    and ``radius_mode`` is not used."""
 
     scale_mode: str = "spectral_mup"
     """Update scale rule, see :func:`megatron_sso.ops.update_scale` (paper: sqrt(d_out/d_in))."""
@@ -120,8 +125,8 @@ class SphereConfig(ConfigFields):
     retraction fixes the norm, so decay would be undone (paper: no decay on sphere matrices)."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("sso", "muon_sphere", "muon"):
-            raise ValueError(f"unknown mode {self.mode!r}; choose 'sso', 'muon_sphere' or 'muon'")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.msign_coefficients not in COEFFICIENT_SETS:
@@ -169,6 +174,11 @@ class SphereConfig(ConfigFields):
 
     @property
     def on_sphere(self) -> bool:
-        """Whether the mode retracts onto the sphere (SSO and MuonSphere)."""
-        return self.mode != "muon"
+        """Whether the mode retracts onto the spectral sphere (SSO and MuonSphere)."""
+        return self.mode in ("sso", "muon_sphere")
+
+    @property
+    def on_hyperball(self) -> bool:
+        """Whether the mode retracts onto the Frobenius sphere (Muon-Hyperball)."""
+        return self.mode == "hyperball"
 

@@ -192,6 +192,9 @@ class DistributedSpectralSphere(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"unknown DistributedSpectralSphere option(s) {sorted(unknown)}")
         self.config = SphereConfig(mode=mode, **config)
+        if self.config.on_hyperball:
+            raise ValueError("DistributedSpectralSphere does not offer mode='hyperball' yet; use SpectralSphere "
+                             "or Megatron's optimizer='muon_hyperball' (MegatronSphere)")
         self.tp_mode = check_tp_mode(tp_mode)
         self.cost_model = check_cost_model(cost_model)
         if dp_split not in ("never", "auto"):

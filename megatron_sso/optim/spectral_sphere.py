@@ -17,14 +17,16 @@ import torch
 from ..ops.retraction import target_radius, update_scale
 from .config import SphereConfig
 from .direction_optimizer import run_closure
+from .hyperball import HyperballBuffers, hyperball_update_
 from .sphere_update import BatchStats, SphereBuffers, init_sphere_state, sphere_update_
 from .step_stats import StepStats
 
 Tensor = torch.Tensor
 
-STATE_KEYS = ("momentum_buffer", "right_block", "lambda", "slope", "lambda_warm")
+STATE_KEYS = ("momentum_buffer", "right_block", "lambda", "slope", "lambda_warm", "hyperball_radius")
 """Per-parameter state: the momentum (param shape, fp32), the cached block of right singular
-vectors (``d_in x b``), the last lambda root and secant slope (0-d tensors), and whether set."""
+vectors (``d_in x b``), the last lambda root and secant slope (0-d tensors), whether set, and
+(``hyperball`` mode only) the Frobenius radius (0-d)."""
 
 
 class SpectralSphere(torch.optim.Optimizer):
@@ -33,7 +35,8 @@ class SpectralSphere(torch.optim.Optimizer):
     Args:
         params: 2-D tensors or param groups (a group may override any keyword below).
         lr: learning rate (> 0); the step is ``lr * s * Phi`` with ``||Phi||_2 = 1``.
-        mode: ``"sso"``, ``"muon_sphere"`` or ``"muon"``.
+        mode: ``"sso"``, ``"muon_sphere"``, ``"muon"`` or ``"hyperball"`` (Muon-Hyperball:
+            ``lr`` is then the angular step, :mod:`megatron_sso.optim.hyperball`).
         batched: run same-shape matrices of a group through one batched update.
         **config: any other :class:`~megatron_sso.optim.config.SphereConfig` field
             (``momentum``, ``nesterov``, ``radius_scaler``, ``msign_steps``, ``lambda_tol``,
@@ -102,6 +105,8 @@ class SpectralSphere(torch.optim.Optimizer):
     def _step_bucket(self, bucket: list[Tensor], cfg: SphereConfig, lr: float) -> list[BatchStats]:
         states = [self._state_for(p) for p in bucket]
         d_out, d_in = bucket[0].shape
+        if cfg.on_hyperball:
+            return [self._step_hyperball(bucket, states, cfg, lr)]
         # One batched solve needs one warm/cold status (it fixes the evaluation count).
         if len({("right_block" in s, s["lambda_warm"]) for s in states}) > 1:
             return [st for p in bucket for st in self._step_bucket([p], cfg, lr)]
@@ -117,6 +122,20 @@ class SpectralSphere(torch.optim.Optimizer):
                 p.copy_(W[i])
         bufs.store_(states)
         return [stats]
+
+    @staticmethod
+    def _step_hyperball(bucket: list[Tensor], states: list[dict], cfg: SphereConfig, lr: float) -> BatchStats:
+        for p, s in zip(bucket, states):  # 0 until the module's first step sets c ||W_0||_F
+            s.setdefault("hyperball_radius", torch.zeros((), dtype=torch.float32, device=p.device))
+        W = torch.stack([p.float() for p in bucket])
+        bufs = HyperballBuffers(momentum=torch.stack([s["momentum_buffer"] for s in states]),
+                                radius=torch.stack([s["hyperball_radius"] for s in states]))
+        stats = hyperball_update_(W, torch.stack([p.grad for p in bucket]), bufs, cfg, lr)
+        for i, (p, s) in enumerate(zip(bucket, states)):
+            p.copy_(W[i])
+            s["momentum_buffer"].copy_(bufs.momentum[i])
+            s["hyperball_radius"].copy_(bufs.radius[i])
+        return stats
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then restore the saved state dtypes: torch casts floating state to each

@@ -210,6 +210,8 @@ def sphere_update_(
             non-finite (a distributed caller passes what other ranks saw). It is OR-ed with the
             local check *before* the shards' reduction, so all shards agree.
     """
+    if cfg.on_hyperball:  # its radius is per-module state: see megatron_sso.optim.hyperball
+        raise ValueError("sphere_update_ does not run mode='hyperball'; use optim.hyperball.hyperball_update_")
     if W.dim() != 3 or W.shape != G.shape:
         raise ValueError(f"W and G must be equal (B, m, n) tensors, got {tuple(W.shape)} and {tuple(G.shape)}")
     full_shape = full_shape or (W.size(-2), W.size(-1))

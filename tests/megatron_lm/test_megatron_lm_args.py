@@ -64,10 +64,10 @@ def non_default(typ: type, default, dest: str) -> str:
 def test_optimizer_choices_gain_ours_and_keep_megatrons():
     parser = add_sso_arguments(megatron_like_parser())
     choices = next(a for a in parser._actions if a.dest == "optimizer").choices
-    assert choices == MEGATRON_LM_CHOICES + ["sso", "muon_sphere"]
+    assert choices == MEGATRON_LM_CHOICES + ["sso", "muon_sphere", "muon_hyperball"]
     assert choices.count("muon") == 1  # Megatron-LM's own Muon stays Megatron's
-    assert MEGATRON_LM_OPTIMIZERS == ("sso", "muon_sphere")
-    for name in ("sso", "muon_sphere", "muon"):
+    assert MEGATRON_LM_OPTIMIZERS == ("sso", "muon_sphere", "muon_hyperball")
+    for name in ("sso", "muon_sphere", "muon_hyperball", "muon"):
         assert parser.parse_args(["--optimizer", name]).optimizer == name
     with pytest.raises(SystemExit):
         parser.parse_args(["--optimizer", "sso_typo"])
@@ -167,6 +167,13 @@ def test_muon_sphere_mode_and_apply_on_namespace():
     args = add_sso_arguments(megatron_like_parser()).parse_args(["--optimizer", "muon_sphere"])
     config = apply_sso_settings(AdamConfigStandIn(), args)
     assert sphere_config_from(config) == SphereConfig(mode="muon_sphere")
+
+
+def test_muon_hyperball_name_maps_to_hyperball_mode():
+    args = add_sso_arguments(megatron_like_parser()).parse_args(["--optimizer", "muon_hyperball",
+                                                                 "--sso-radius-scaler", "2"])
+    config = apply_sso_settings(AdamConfigStandIn(), args)
+    assert sphere_config_from(config) == SphereConfig(mode="hyperball", radius_scaler=2.0)
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -5,7 +5,7 @@ Megatron-LM's ``--optimizer`` choices are closed (``adam sgd muon dist_muon``) a
 for Megatron-LM users share (the launcher's hooks in :mod:`.megatron_lm_hooks`, and
 ``patches/megatron-lm-core_v0.16.1-sso.patch``):
 
-* :func:`add_sso_arguments` adds ``sso``, ``muon_sphere`` to ``--optimizer`` and one ``--sso-*``
+* :func:`add_sso_arguments` adds ``sso``, ``muon_sphere``, ``muon_hyperball`` to ``--optimizer`` and one ``--sso-*``
   flag per :class:`~megatron_sso.optim.config.SphereConfig` field and per
   :data:`~megatron_sso.mcore.optimizers.config.MEGATRON_SETTINGS` entry; :func:`add_spectra_arguments`
   adds ``signum``, ``ademamix`` and one ``--spectra-*`` flag per
@@ -47,7 +47,7 @@ from ...optim.config import SphereConfig
 from ..optimizers import (MEGATRON_SETTINGS, SPECTRA_OPTIMIZERS, SPECTRA_REFUSED, SPECTRA_SETTINGS, check_spectra,
                      megatron_setting, spectra_selected, sphere_config_from)
 
-MEGATRON_LM_OPTIMIZERS = ("sso", "muon_sphere")
+MEGATRON_LM_OPTIMIZERS = ("sso", "muon_sphere", "muon_hyperball")
 """Sphere names added to Megatron-LM's ``--optimizer`` choices (``muon`` stays Megatron's own)."""
 
 MEGATRON_LM_SPECTRA_OPTIMIZERS = SPECTRA_OPTIMIZERS

@@ -70,7 +70,8 @@ def log_sphere_stats(optimizer: Any, iteration: int, writer: Optional[Any] = Non
 @torch.no_grad()
 def exact_norm_errors(optimizer: Any) -> dict[str, float]:
     """Per kind, max ``| ||W||_2 / R - 1 |`` over the stored modules, by exact SVD (tests and
-    debugging: expensive). TP-sharded modules are gathered first."""
+    debugging: expensive). TP-sharded modules are gathered first. Muon-Hyperball: ``| ||W||_F /
+    R - 1 |`` in float64 against the radius in its state (modules not stepped yet are left out)."""
     from ...ops.retraction import target_radius
 
     out: dict[str, float] = {}
@@ -81,8 +82,15 @@ def exact_norm_errors(optimizer: Any) -> dict[str, float]:
                 layout = getattr(p, LAYOUT_ATTR)
                 for mod in layout.modules:
                     full = opt._gather(mod.view(p.data).float().unsqueeze(0), mod, layout)[0]
-                    sigma = torch.linalg.matrix_norm(full.double(), ord=2).item()
-                    err = abs(sigma / target_radius(*mod.full_shape, cfg.radius_mode, cfg.radius_scaler) - 1)
+                    if cfg.on_hyperball:
+                        cache = opt.state[p].get("sphere_cache")
+                        radius = float(mod.view(cache)[0, 0]) if cache is not None else 0.0
+                        if radius <= 0:
+                            continue
+                        err = abs(torch.linalg.matrix_norm(full.double()).item() / radius - 1)
+                    else:
+                        sigma = torch.linalg.matrix_norm(full.double(), ord=2).item()
+                        err = abs(sigma / target_radius(*mod.full_shape, cfg.radius_mode, cfg.radius_scaler) - 1)
                     out[mod.kind] = max(out.get(mod.kind, 0.0), err)
     return out
 

@@ -1,7 +1,7 @@
 """Our optimizers inside Megatron's optimizer factory (start here to read the integration).
 
 ``install()`` (:mod:`.factory`) wraps Megatron's factory at its call sites so that ``optimizer:
-sso | muon_sphere | muon`` and SPECTRA's ``adam | signum | ademamix`` build a ``ChainedOptimizer``
+sso | muon_sphere | muon | muon_hyperball`` and SPECTRA's ``adam | signum | ademamix`` build a ``ChainedOptimizer``
 (:mod:`.chain`: routing, Megatron's wrappers, Adam for the rest) around :class:`MegatronSphere` /
 :class:`MegatronSpectra`, which update each atomic module (:mod:`.layouts`: Q head, K/V group,
 gate/up, expert) with TP gathers (:mod:`.tp_modules`) and DP sharding (:mod:`.dp_shard`). Settings
@@ -15,7 +15,7 @@ from .. import lazy_face
 FACE = {
     "factory": ("install", "get_sphere_megatron_optimizer", "CALL_SITES"),
     "spectra_factory": ("get_spectra_megatron_optimizer",),
-    "config": ("SSOOptimizerConfig", "SPHERE_OPTIMIZERS", "MEGATRON_SETTINGS", "sphere_config_from",
+    "config": ("SSOOptimizerConfig", "SPHERE_OPTIMIZERS", "SPHERE_MODES", "MEGATRON_SETTINGS", "sphere_config_from",
                "megatron_setting"),
     "spectra_settings": ("SPECTRA_OPTIMIZERS", "SPECTRA_SETTINGS", "SPECTRA_REFUSED", "check_spectra",
                          "spectra_configs_from", "spectra_enabled", "spectra_selected"),

@@ -23,8 +23,13 @@ from typing import Any, Optional
 from ...optim.config import SphereConfig
 from .spectra_settings import SPECTRA_SETTINGS
 
-SPHERE_OPTIMIZERS = ("sso", "muon_sphere", "muon")
-"""``optimizer`` values that select our optimizers (the value is the SphereConfig ``mode``)."""
+SPHERE_MODES = {"sso": "sso", "muon_sphere": "muon_sphere", "muon": "muon", "muon_hyperball": "hyperball"}
+"""``optimizer`` value -> :class:`~megatron_sso.optim.config.SphereConfig` ``mode``. Megatron names
+say what the family's base is (``muon_hyperball``: Muon's direction on the Frobenius sphere); an
+``adam_hyperball`` is not offered (see docs/algorithm.md, Muon-Hyperball)."""
+
+SPHERE_OPTIMIZERS = tuple(SPHERE_MODES)
+"""``optimizer`` values that select our sphere-family optimizers."""
 
 MEGATRON_SETTINGS: dict[str, tuple[type, Any, str]] = {
     "sso_split_qkv": (bool, True, "split fused QKV into one atomic module per Q head, K group, V group"),
@@ -90,7 +95,7 @@ def sphere_config_from(config: Any) -> SphereConfig:
     mode = getattr(config, "optimizer", None)
     if mode not in SPHERE_OPTIMIZERS:
         raise ValueError(f"optimizer={mode!r} is not a sphere optimizer; choose one of {SPHERE_OPTIMIZERS}")
-    values = {"mode": mode}
+    values = {"mode": SPHERE_MODES[mode]}
     for name in SphereConfig.field_names():
         if name != "mode" and hasattr(config, f"sso_{name}"):
             values[name] = getattr(config, f"sso_{name}")

@@ -134,6 +134,8 @@ class ShardDomain:
 
     def _rows_sent(self, i: int, cfg: SphereConfig) -> int:
         m, n = self.mods[i].local_shape
+        if cfg.on_hyperball:  # the radius row (:mod:`.hyperball_bucket`)
+            return 2 * m * n + n
         return 2 * m * n + (cache_rows(cfg, self.mods[i]) * n if cfg.on_sphere else 0)
 
     def _rounds(self, cfg: SphereConfig) -> list[list[list[int]]]:

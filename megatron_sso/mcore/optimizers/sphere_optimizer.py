@@ -48,6 +48,7 @@ from ...ops.retraction import target_radius, update_scale
 from ...optim.config import SphereConfig
 from ...optim.sphere_update import SphereBuffers, sphere_update_
 from .dp_shard import STAT_FIELDS, ModuleRef, ShardDomain, combine_stats, stats_width
+from .hyperball_bucket import HYPERBALL_CACHE_ROWS, step_hyperball_bucket
 from .layouts import AtomicModule, ParamLayout
 from .tp_modules import ModuleGatherMixin
 
@@ -84,7 +85,7 @@ def init_sphere_state(opt: torch.optim.Optimizer, config: Any = None) -> None:
 
 
 class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
-    """SSO / MuonSphere / Muon over the atomic modules of Megatron parameters.
+    """SSO / MuonSphere / Muon / Muon-Hyperball over the atomic modules of Megatron parameters.
 
     Args:
         param_groups: Megatron param groups (``_get_param_groups``); the scheduler rewrites
@@ -117,7 +118,7 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            if self.cfg.on_sphere:
+            if self.cfg.on_sphere or self.cfg.on_hyperball:  # hyperball: radii, :mod:`.hyperball_bucket`
                 state["sphere_cache"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             state["step"] = torch.zeros((), dtype=torch.float32)
         return state
@@ -179,7 +180,7 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         for (gi, _, _, _, is_warm), entries in buckets.items():
             group = self.param_groups[gi]
             cfg = self.cfg
-            if not cfg.on_sphere:  # Muon: Megatron's scheduled decoupled decay (wd_mult applied)
+            if cfg.mode == "muon":  # Megatron's scheduled decoupled decay (wd_mult applied)
                 cfg = dataclasses.replace(cfg, weight_decay=float(group.get("weight_decay", 0.0)))
             sel = None if skip is None else skip[torch.tensor([e[0] for e in entries], device=device)]
             batches.append(self._step_bucket(entries, cfg, float(group["lr"]), is_warm, kinds, sel))
@@ -208,10 +209,14 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         out = [mod.view(p.data), mod.view(state["momentum_buffer"])]
         if self.cfg.on_sphere:
             out.append(mod.view(state["sphere_cache"])[:cache_block(self.cfg, mod) + 2])
+        elif self.cfg.on_hyperball:
+            out.append(mod.view(state["sphere_cache"])[:HYPERBALL_CACHE_ROWS])
         return out
 
     def _step_bucket(self, entries: list, cfg: SphereConfig, lr: float, warm: bool, kinds,
                      skip: Optional[Tensor]) -> Any:
+        if cfg.on_hyperball:
+            return step_hyperball_bucket(self, entries, cfg, lr, kinds, skip)
         _, p0, _, mod0, layout0 = entries[0]
         m, n = mod0.full_shape
         b = cache_block(cfg, mod0)
@@ -309,7 +314,7 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
     def kind_stats(self) -> dict[str, dict[str, float]]:
         """Per module kind (``qkv_q``, ``gate``, ``linear_proj``...) over every module:
         ``max_norm_error`` (max ``|sigma/R - 1|`` of the weights the last forward pass used;
-        0 for Muon), ``update_rms`` (mean RMS of the applied change) and ``modules``."""
+        0 for Muon; ``| ||W||_F / R - 1 |`` for Muon-Hyperball), ``update_rms`` (mean RMS of the applied change) and ``modules``."""
         out = {}
         base = len(STAT_FIELDS)
         for d in self._domains or []:
