@@ -8,7 +8,7 @@ model's ``TransformerConfig``, which ``(d_out, d_in)`` matrices live where in th
 Every module is returned as a *view* of the tensor it is asked about (``view.data_ptr()`` lies
 inside the parameter's storage): a reshape of a strided slice would copy, and a retraction
 written into a copy never reaches the weight (SPEC pitfall 1). Layouts, verified against
-megatron-core 0.16.1:
+megatron-core 0.16.1 (TEGroupedMLP against 0.19.2's source):
 
 * ``linear_qkv.weight`` (``transformer/attention.py``, ``SelfAttention.get_query_key_value_tensors``):
   rows are ``ng_local`` query groups, each ``[q heads of the group (np/ng), (gate heads if
@@ -17,6 +17,12 @@ megatron-core 0.16.1:
 * gated ``linear_fc1.weight`` (``transformer/mlp.py``, ``glu``: ``torch.chunk(x, 2, dim=-1)``):
   first half of the local rows is the gate, second the up projection; sizes come from the
   tensor's own shape (experts, shared experts and TP shards differ, pitfall 3).
+* ``experts.linear_fc1.weight<i>`` / ``linear_fc2.weight<i>`` of ``TEGroupedMLP`` (megatron-core
+  0.17+, ``transformer/moe/experts.py``; Transformer Engine's ``GroupedLinear`` holds one
+  ``(out, in)`` weight per local expert ``i``, used as ``x W_i^T``): each is a dense fc1 / fc2
+  of its own, so the two bullets above and below apply per expert (gate/up halves of the
+  local rows; fc2 whole, column-split over expert TP, ``partition_dim`` 1). 0.19's
+  ``moe_mlp_glu_interleave_size`` alternates gate and up blocks instead: refused.
 * ``experts.weight1`` / ``weight2`` of ``GroupedMLP`` (``transformer/moe/experts.py``,
   ``forward``: ``weight1.view(E, hidden, -1)``, ``weight2.view(E, -1, hidden)``, used as
   ``x @ w``): expert-major memory, each expert's matrix transposed (pitfall 2).
@@ -163,6 +169,11 @@ def param_layout(name: str, param: Tensor, cfg: Any, tp_size: int, *, split_qkv:
                 mods.append(_module(f"{name}[expert {e}]", "expert_fc2", _grouped(num, e, False, None, hidden),
                                     (hidden, width), 1, tp))
     elif _FC1.search(name) and glu and split_glu:
+        interleave = _glu_interleave(name, cfg, expert)
+        if interleave is not None:  # alternate blocks of gate and up rows: no 2-D view holds a half
+            raise ValueError(f"{name}: {interleave[0]}={interleave[1]} interleaves the gate and up rows of "
+                             "this fc1, so its halves are not views; leave it unset, or pass "
+                             "sso_split_glu=False (one module per fc1)")
         if shape[0] % 2:
             raise ValueError(f"{name}: a gated fc1 needs an even number of rows, got {shape[0]}")
         half = shape[0] // 2  # from this tensor's own shape (pitfall 3)
@@ -177,6 +188,20 @@ def param_layout(name: str, param: Tensor, cfg: Any, tp_size: int, *, split_qkv:
         prefix = "shared_" if "shared_experts" in name else "expert_"
         mods = [dataclasses.replace(m, kind=prefix + m.kind) for m in mods]
     return ParamLayout(name, tuple(mods), expert, tp)
+
+
+def _glu_interleave(name: str, cfg: Any, expert: bool) -> Optional[tuple[str, int]]:
+    """``(setting, block)`` when megatron-core (0.19) stores this gated fc1 as alternating
+    ``block``-row runs of gate and up (``TEGroupedMLP._remove_glu_interleaving``; the fused
+    shared expert's ``ScaledSwiGLU(glu_interleave_size=...)``), None for the ``[gate; up]`` halves."""
+    if expert:
+        setting = "moe_mlp_glu_interleave_size"
+    elif "shared_experts" in name and getattr(cfg, "use_grouped_gemm_for_shared_expert", False):
+        setting = "moe_shared_expert_glu_interleave_size"
+    else:
+        return None
+    block = getattr(cfg, setting, None)
+    return None if block is None else (setting, block)
 
 
 def _local_experts_hint(cfg: Any, total: int, first: bool, glu: bool, tp: int) -> int:
