@@ -47,20 +47,22 @@ TINY = (f"--num-layers {LAYERS} --hidden-size {HIDDEN} --num-attention-heads {HE
         "--seed 1234 --ckpt-format torch --save-interval 3").split()
 
 
-def env() -> dict:
-    """The children's environment: the checkout, this repository importable, quiet warnings; TP > 1
-    needs CUDA_DEVICE_MAX_CONNECTIONS=1 (Megatron-LM's validate_args)."""
-    return {**os.environ, "MEGATRON_LM_DIR": MLM, "PYTHONWARNINGS": "ignore", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+def env(checkout: str = MLM) -> dict:
+    """The children's environment: the checkout (``""``: none, so the launcher runs its built-in
+    script), this repository importable, quiet warnings; TP > 1 needs CUDA_DEVICE_MAX_CONNECTIONS=1
+    (Megatron-LM's validate_args)."""
+    return {**os.environ, "MEGATRON_LM_DIR": checkout, "PYTHONWARNINGS": "ignore", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def launch(nproc: int, *extra: str, entry: tuple[str, ...] = ("-m", "megatron_sso.megatron_lm"),
-           timeout: float = 400) -> subprocess.CompletedProcess:
-    """``torchrun`` ``nproc`` local ranks of ``entry`` (the launcher by default) on the tiny GPT."""
+           timeout: float = 400, checkout: str = MLM, base: tuple[str, ...] = tuple(TINY)) -> subprocess.CompletedProcess:
+    """``torchrun`` ``nproc`` local ranks of ``entry`` (the launcher by default) on the tiny GPT
+    (``base``: :data:`TINY`); ``extra`` arguments come last, so they override ``base``'s."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *entry, *TINY,
+           f"--master_port={free_port()}", *entry, *base,
            f"--global-batch-size={2 * nproc}", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env(checkout))
 
 
 SPECTRAL = textwrap.dedent("""
@@ -84,12 +86,13 @@ SPECTRAL = textwrap.dedent("""
 """).format(hd=HIDDEN // HEADS, layers=LAYERS)
 
 
-def spectral_report(save: Path) -> dict:
-    """What the run saved: its sso_* arguments and sigma / R of every atomic module (and of the
-    word embedding, which AdamW trains), read in a child process (unpickling imports Megatron)."""
-    ckpt = save / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt"
+def spectral_report(save: Path, iteration: int = 3) -> dict:
+    """What the run saved at ``iteration``: its sso_* arguments and sigma / R of every atomic
+    module (and of the word embedding, which AdamW trains) by float64 SVD, read in a child
+    process (unpickling imports Megatron)."""
+    ckpt = save / f"iter_{iteration:07d}" / "mp_rank_00" / "model_optim_rng.pt"
     base = env()
-    child = {**base, "PYTHONPATH": os.pathsep.join([MLM, base["PYTHONPATH"]])}  # args unpickle Megatron types
+    child = {**base, "PYTHONPATH": os.pathsep.join(p for p in (MLM, base["PYTHONPATH"]) if p)}  # args unpickle Megatron types
     proc = subprocess.run([sys.executable, "-c", SPECTRAL, str(ckpt)], capture_output=True, text=True,
                           timeout=180, env=child)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,22 +103,28 @@ MATRICES = 4 * LAYERS  # linear_qkv, linear_proj, linear_fc1, linear_fc2 per lay
 MODULES = LAYERS * (HEADS + 2 * HEADS + 3)  # q, k, v per head (no GQA), proj, fc1, fc2
 
 
-def finished_log(proc: subprocess.CompletedProcess) -> str:
-    """The run's output, after checking that it exited 0 and logged 3 iterations with finite
-    losses in a plausible range (ln 127 = 4.8 at the start)."""
+def losses(log: str, iters: int = 3) -> list[float]:
+    """The ``lm loss`` Megatron-LM logged at each of the ``iters`` iterations."""
+    return [float(x) for x in re.findall(rf"iteration\s+\d+/\s*{iters} \|.*?lm loss: ([0-9.Ee+-]+)", log)]
+
+
+def finished_log(proc: subprocess.CompletedProcess, iters: int = 3) -> str:
+    """The run's output, after checking that it exited 0 and logged ``iters`` iterations with
+    finite losses in a plausible range (ln 127 = 4.8 at the start)."""
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    losses = [float(x) for x in re.findall(r"iteration\s+\d+/\s*3 \|.*?lm loss: ([0-9.Ee+-]+)", log)]
-    assert len(losses) == 3 and all(0 < x < 10 for x in losses), losses
+    found = losses(log, iters)
+    assert len(found) == iters and all(0 < x < 10 for x in found), found
     return log
 
 
-def check_run(proc: subprocess.CompletedProcess, optimizer: str, nproc: int) -> None:
-    """The run finished 3 iterations with finite losses and every rank built our optimizer on
-    the expected parameters and atomic modules."""
-    log = finished_log(proc)
+def check_run(proc: subprocess.CompletedProcess, optimizer: str, nproc: int, iters: int = 3) -> str:
+    """The run finished ``iters`` iterations with finite losses and every rank built our
+    optimizer on the expected parameters and atomic modules; returns the log."""
+    log = finished_log(proc, iters)
     built = re.findall(rf"megatron_sso: {optimizer} on (\d+) parameters \((\d+) atomic modules\)", log)
     assert built == [(str(MATRICES), str(MODULES))] * nproc, built
+    return log
 
 
 SPECTRA_BUILT = (r"megatron_sso: (\w+) with SPECTRA \(clip (\w+) c=([0-9.]+), pre-clip (\w+)\) on (\d+) "

@@ -58,8 +58,10 @@ SITES = """
             out[repr(bad)] = "no error"
         except (ImportError, ValueError) as exc:
             out[repr(bad)] = type(exc).__name__
-    factory.install()  # the default (Bridge's): every call site that imports
+    factory.install()  # the default: every call site of compat.factory_call_sites() that imports
     out["bridge_after_default"] = bool(bridge())
+    from megatron_sso.mcore import compat
+    out["bridge_is_a_site"] = compat.BRIDGE_OPTIMIZER_SITE in compat.factory_call_sites()
     print(json.dumps(out))
 """
 
@@ -73,7 +75,9 @@ def test_install_wraps_only_the_sites_named_and_never_imports_bridge():
     assert (out["plain_adam"], out["muon"]) == ("stock", "stock muon")  # not ours: falls through
     assert out["('no_such_site_module',)"] == "ModuleNotFoundError"  # a named site must import
     assert out["'site_under_test'"] == "ValueError"  # a string is not a tuple of names
-    assert out["bridge_after_default"]  # the default still reaches Bridge's call site (the check can fail)
+    # the default reaches Bridge's call site where Bridge has one (0.3.1); Bridge >= 0.4 calls
+    # SSOOptimizerConfig.provide() instead and is then never imported by install()
+    assert out["bridge_after_default"] == out["bridge_is_a_site"]
 
 
 CHECKOUT = """
@@ -113,6 +117,7 @@ def test_real_megatron_lm_parses_signum_and_spectra_flags_into_the_adam_config()
     out = run_child(CHECKOUT, MLM)
     assert out["bridge"] == []
     assert out["patched"] == ["megatron.training.arguments.add_megatron_arguments",
+                              "megatron.training.arguments.validate_args",
                               "megatron.training.initialize.validate_args",
                               "megatron.training.training.get_megatron_optimizer_config",
                               "megatron.training.training.get_megatron_optimizer",

@@ -11,7 +11,8 @@ from .. import lazy_face
 
 FACE = {
     "mode": ("enable_cpu_mode", "cpu_mode_enabled", "cpu_mode_report", "add_module_patches", "CpuModeReport"),
-    "megatron_patches": ("bridge_initialize_without_cuda", "bridge_skip_jit_warmup"),
+    "megatron_patches": ("bridge_initialize_without_cuda", "bridge_skip_jit_warmup",
+                         "skip_compile_helpers_when_prebuilt"),
 }
 __getattr__ = lazy_face(__name__, FACE)
 __all__ = sorted(name for names in FACE.values() for name in names)

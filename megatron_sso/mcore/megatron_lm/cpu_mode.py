@@ -27,17 +27,12 @@ def megatron_lm_initialize_without_cuda(training: types.ModuleType) -> None:
     bridge_initialize_without_cuda(training)
 
 
-def megatron_lm_model_parallel_groups(initialize: types.ModuleType) -> None:
-    """``_initialize_distributed`` creates the model-parallel groups (``initialize_model_parallel``)
-    only when ``torch.cuda.device_count() > 0``; with none, the first ``mpu`` query fails
-    ("pipeline_model parallel group is not initialized"). Let it see one device while it runs:
-    its only other use of the count is ``torch.cuda.set_device`` (a no-op in CPU mode) and a
-    device id for the in-process-restart NCCL warm-up, off unless ``--inprocess-restart``. The
-    groups use the default backend (gloo), as the Bridge path's do."""
-    original = initialize._initialize_distributed
+def _seeing_one_device(original):
+    """``original`` run with ``torch.cuda.device_count()`` answering 1 when it is 0 (unchanged on
+    a machine with CUDA devices)."""
 
     @functools.wraps(original)
-    def _initialize_distributed(*args: Any, **kwargs: Any):
+    def wrapper(*args: Any, **kwargs: Any):
         real = torch.cuda.device_count
         if real() > 0:
             return original(*args, **kwargs)
@@ -47,28 +42,28 @@ def megatron_lm_model_parallel_groups(initialize: types.ModuleType) -> None:
         finally:
             torch.cuda.device_count = real
 
-    initialize._initialize_distributed = _initialize_distributed
+    return wrapper
+
+
+def megatron_lm_model_parallel_groups(initialize: types.ModuleType) -> None:
+    """``_initialize_distributed`` creates the model-parallel groups (``initialize_model_parallel``)
+    only when ``torch.cuda.device_count() > 0``; with none, the first ``mpu`` query fails
+    ("pipeline_model parallel group is not initialized"). Let it see one device while it runs:
+    its only other use of the count is ``torch.cuda.set_device`` (a no-op in CPU mode) and a
+    device id for the in-process-restart NCCL warm-up, off unless ``--inprocess-restart``. The
+    groups use the default backend (gloo), as the Bridge path's do. Same in core_v0.16.1 and 0.19."""
+    initialize._initialize_distributed = _seeing_one_device(initialize._initialize_distributed)
 
 
 def megatron_lm_seed_rng_tracker(initialize: types.ModuleType) -> None:
     """``_set_random_seed`` seeds the model-parallel RNG tracker only when
     ``torch.cuda.device_count() > 0``; with no device the tracker stays empty and the first
-    ``get_cuda_rng_tracker().fork()`` (weight init, dropout) fails. After the original has seeded
-    torch with the per-stage seed it computed (``torch.initial_seed()``), seed the tracker as it
-    would on a GPU."""
-    from megatron.core import tensor_parallel
-
-    original = initialize._set_random_seed
-
-    @functools.wraps(original)
-    def _set_random_seed(seed_, data_parallel_random_init=False, te_rng_tracker=False,
-                         inference_rng_tracker=False, use_cudagraphable_rng=False):
-        original(seed_, data_parallel_random_init, te_rng_tracker, inference_rng_tracker, use_cudagraphable_rng)
-        if torch.cuda.device_count() == 0:
-            tensor_parallel.model_parallel_cuda_manual_seed(
-                torch.initial_seed(), te_rng_tracker, inference_rng_tracker, use_cudagraphable_rng)
-
-    initialize._set_random_seed = _set_random_seed
+    ``get_cuda_rng_tracker().fork()`` (weight init, dropout) fails. Let it see one device while
+    it runs, so that it seeds the tracker exactly as on a GPU, with whatever arguments its
+    release passes (core_v0.16.1 passes the seed and four flags; 0.19 also this rank's tensor,
+    expert and expert-tensor ranks): the count is its only device query, and CPU mode points
+    the tracker at the CPU generator."""
+    initialize._set_random_seed = _seeing_one_device(initialize._set_random_seed)
 
 
 def megatron_lm_skip_fused_kernels(fused_kernels: types.ModuleType) -> None:

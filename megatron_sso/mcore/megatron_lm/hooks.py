@@ -7,8 +7,9 @@
    :func:`~.megatron_lm_args.add_sso_arguments` and
    :func:`~.megatron_lm_args.add_spectra_arguments`: our names join the ``--optimizer`` choices
    and the ``--sso-*`` / ``--spectra-*`` flags are added;
-2. ``megatron.training.initialize.validate_args`` (the name ``initialize_megatron`` calls)
-   first runs :func:`~.megatron_lm_args.check_sso_args` and
+2. ``validate_args`` (core_v0.16.1: the name in ``megatron.training.initialize`` that
+   ``initialize_megatron`` calls; 0.19: the one in ``megatron.training.arguments`` that
+   ``parse_and_validate_args`` calls) first runs :func:`~.megatron_lm_args.check_sso_args` and
    :func:`~.megatron_lm_args.check_spectra_args`, so a bad value stops every rank with one
    line before ``torch.distributed`` or the model is set up;
 3. ``megatron.training.training.get_megatron_optimizer_config``: core_v0.16.1 maps ``adam``
@@ -44,6 +45,15 @@ ALL_NAMES = MEGATRON_LM_OPTIMIZERS + MEGATRON_LM_SPECTRA_OPTIMIZERS
 
 SITE = "megatron.training.training"
 """The one module whose factory names the launcher wraps."""
+
+
+def validate_args_sites(*modules):
+    """The modules among ``modules`` that bind a ``validate_args`` name the loop may call:
+    core_v0.16.1's ``initialize_megatron`` calls the name ``initialize`` imported, 0.19's
+    ``parse_and_validate_args`` the one in ``arguments`` (``initialize`` no longer has it).
+    Wrapping every binding present covers both without asking the version; each wrapper
+    wraps the original, so a call still runs our checks once."""
+    return tuple(m for m in modules if hasattr(m, "validate_args"))
 
 
 def _wrap_add_arguments(original, names):
@@ -115,7 +125,7 @@ def install_megatron_lm(names: Sequence[str] = ALL_NAMES) -> list[str]:
     patched = []
     for module, attr, wrapper, extra in (
         (arguments, "add_megatron_arguments", _wrap_add_arguments, (names,)),
-        (initialize, "validate_args", _wrap_validate_args, ()),
+        *((m, "validate_args", _wrap_validate_args, ()) for m in validate_args_sites(arguments, initialize)),
         (training, "get_megatron_optimizer_config", _wrap_optimizer_config, (names,)),
     ):
         if _replace(module, attr, wrapper, *extra):
