@@ -97,6 +97,9 @@ def run_rank(job: dict) -> int:
         if world == int(os.environ["LOCAL_WORLD_SIZE"]):  # all ranks on this machine: loopback
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+        # Megatron's sequence-parallel layers warn unless this is 1; it orders CUDA streams, so
+        # on a CPU it changes nothing and the warning (at every start of an MoE TP run) is noise
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     enable_cpu_mode()
     install()
     cfg = build_config(job["config"], job["optimizer"], job["overrides"], job["data_path"])

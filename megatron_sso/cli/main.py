@@ -8,17 +8,14 @@ exit with code 2 before any heavy work.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import warnings
 from typing import Optional, Sequence
 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    if not sys.warnoptions:  # Megatron warns at import about missing TE/apex: noise for CLI users
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # inherited by local ranks
-        warnings.simplefilter("ignore")
+    from .quiet import quiet_known_noise
+
+    quiet_known_noise()  # before anything imports torch (the package itself does not)
     from . import demo, prepare_data, pretrain
 
     parser = argparse.ArgumentParser(prog="megatron-sso", description=__doc__.splitlines()[0])

@@ -12,7 +12,9 @@ Three ways to run, chosen from the environment so that one command works everywh
 Everything that can be wrong with the input (missing file, unknown key or optimizer, a
 layout that does not divide the model, a data prefix without data, more ranks or GPUs than
 present) is checked *before* any process group exists, and reported as one line with exit
-code 2. ``--dry-run`` prints the resolved config, model size and layout and stops there.
+code 2: first on the recipe's YAML alone (:mod:`.preflight`, under a second), then, after
+the one line "loading Megatron-Bridge ...", on the real config, including Bridge's own
+``validate()``. ``--dry-run`` prints the resolved config, model size and layout and stops there.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from pathlib import Path
 
+from .preflight import check_before_import, check_data, layout
 from .recipe import OPTIMIZERS, RecipeError, build_config, monitor_settings, read_recipe
 
 
@@ -64,71 +65,6 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _check_data(cfg) -> list[str]:
-    """Every prefix of the blend has a non-empty .bin and an .idx; returns the prefixes."""
-    ds = cfg.dataset
-    if getattr(ds, "mock", False):
-        return []
-    prefixes: list[str] = []
-    for blend in [ds.blend] + list(ds.blend_per_split or []):
-        if blend:
-            paths = blend[0]
-            prefixes += [p for p in paths if not _is_weight(p)]
-    if not prefixes:
-        raise RecipeError("no training data: pass --data-path PREFIX (from prepare-data), set dataset.blend, "
-                          "or dataset.mock=true for random tokens")
-    for prefix in prefixes:
-        bin_, idx = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
-        if not bin_.is_file() or not idx.is_file():
-            raise RecipeError(f"data path {prefix!r} has no data: {bin_} / {idx} not found "
-                              "(make them with megatron-sso prepare-data)")
-        if bin_.stat().st_size == 0:
-            raise RecipeError(f"data path {prefix!r} has no data: {bin_} is empty")
-    return prefixes
-
-
-def _is_weight(x) -> bool:
-    try:
-        float(x)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def layout(cfg, world_size: int | None) -> dict:
-    """The parallel layout and its checks. ``world_size`` None: the smallest that fits."""
-    m = cfg.model
-    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
-    cp, ep = m.context_parallel_size, m.expert_model_parallel_size
-    etp = m.expert_tensor_parallel_size or tp
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                        ("context_parallel_size", cp), ("expert_model_parallel_size", ep)):
-        if value < 1:
-            raise RecipeError(f"model.{name}={value} must be >= 1")
-    if heads % tp or groups % tp:
-        raise RecipeError(f"model.tensor_model_parallel_size={tp} does not divide num_attention_heads={heads} "
-                          f"and num_query_groups={groups}")
-    if m.num_layers % pp:
-        raise RecipeError(f"model.pipeline_model_parallel_size={pp} does not divide num_layers={m.num_layers}")
-    if m.num_moe_experts and m.num_moe_experts % ep:
-        raise RecipeError(f"model.expert_model_parallel_size={ep} does not divide num_moe_experts={m.num_moe_experts}")
-    if ep > 1 and not m.num_moe_experts:
-        raise RecipeError(f"model.expert_model_parallel_size={ep} needs an MoE model (model.num_moe_experts)")
-    minimum = tp * pp * cp
-    while (minimum // pp) % (ep * etp):
-        minimum += tp * pp * cp
-    world = world_size or minimum
-    if world < minimum or world % minimum:
-        raise RecipeError(f"the recipe needs a multiple of {minimum} ranks (TP {tp} x PP {pp} x CP {cp}, "
-                          f"EP {ep}), have {world}: use --nproc {minimum} (CPU) or torchrun with {minimum} GPUs")
-    dp = world // (tp * pp * cp)
-    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp):
-        raise RecipeError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-                          f"micro_batch_size {cfg.train.micro_batch_size} x data-parallel size {dp}")
-    return dict(world=world, minimum=minimum, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, dp=dp)
-
-
 def _check_gpus() -> None:
     """Refuse more ranks on this node than GPUs present (the rank count itself is checked by
     :func:`layout`)."""
@@ -140,6 +76,27 @@ def _check_gpus() -> None:
             raise RecipeError(f"{local} ranks on this node but only {torch.cuda.device_count()} GPU(s) present")
 
 
+def megatron_checks(cfg, lay: dict) -> None:
+    """Megatron's own checks of the whole config (Bridge's ``ConfigContainer.validate``, which
+    every rank runs first), here on a copy in the launching process, so that whatever the
+    checks of :mod:`.preflight` do not cover still fails once, in one line, before any rank
+    starts."""
+    import copy
+    import io
+    import warnings
+    from contextlib import redirect_stdout
+
+    trial = copy.deepcopy(cfg)
+    trial.data_parallel_size = lay["dp"]
+    try:  # its notes and warnings are the ranks' to print (they run validate() again): not twice
+        with redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trial.validate()
+    except (ValueError, AssertionError, TypeError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise RecipeError(f"Megatron refuses the config: {text}") from None
+
+
 def describe(cfg, lay: dict, path: str) -> str:
     """The ``--dry-run`` report: model size, layout, optimizer, schedule, data."""
     from ..mcore.optimizers import (MEGATRON_SETTINGS, SPECTRA_OPTIMIZERS, SPECTRA_SETTINGS, SPHERE_OPTIMIZERS,
@@ -148,7 +105,10 @@ def describe(cfg, lay: dict, path: str) -> str:
     from .model_size import count_parameters
 
     m, o, s, t = cfg.model, cfg.optimizer, cfg.scheduler, cfg.train
-    size = count_parameters(m, cfg.tokenizer.vocab_size)
+    if m.vocab_size is None and cfg.tokenizer.vocab_size is None:
+        raise RecipeError(f"{path}: the vocabulary size is known only once the tokenizer loads; set "
+                          "model.vocab_size (or tokenizer.vocab_size) for --dry-run")
+    size = count_parameters(m, cfg.tokenizer.vocab_size)  # pads a tokenizer's size as Bridge will
     moe = (f"MoE: {m.num_moe_experts} experts x {m.moe_ffn_hidden_size}, top-{m.moe_router_topk}, "
            f"shared {m.moe_shared_expert_intermediate_size}, {size.moe_layers} MoE + {size.dense_layers} dense layers, "
            f"router dtype {m.moe_router_dtype}, dispatcher {m.moe_token_dispatcher_type}"
@@ -157,7 +117,8 @@ def describe(cfg, lay: dict, path: str) -> str:
         f"recipe: {path}",
         f"model: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads {m.num_attention_heads}"
         f" / kv groups {m.num_query_groups} / head dim {m.kv_channels}, seq {m.seq_length}, "
-        f"vocab {m.vocab_size or cfg.tokenizer.vocab_size} (padded {size.padded_vocab_size}), {m.normalization} "
+        f"vocab {size.padded_vocab_size} (padded: tokenizer {cfg.tokenizer.vocab_size or cfg.tokenizer.tokenizer_model}, multiple of "
+        f"{m.make_vocab_size_divisible_by} x TP {m.tensor_model_parallel_size}), {m.normalization} "
         f"{m.layernorm_epsilon}, qk_layernorm {m.qk_layernorm}, swiglu {m.gated_linear_unit}, rope base "
         f"{m.rotary_base}, tied {m.share_embeddings_and_output_weights}, bf16 {m.bf16}",
         f"ffn: {moe}",
@@ -193,12 +154,16 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and (args.nproc < 1 or _under_torchrun()):
         raise RecipeError(f"--nproc {args.nproc}: must be >= 1 and cannot be combined with torchrun")
     world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else args.nproc
+    overrides = _overrides(args)
+    check_before_import(args.config, args.optimizer, overrides, args.data_path, world, args.dry_run)
+    if os.environ.get("RANK", "0") == "0":  # ~15-25 s of imports follow: say so
+        print("loading Megatron-Bridge ...", flush=True)
     from ..mcore.cpu import enable_cpu_mode
 
     enable_cpu_mode()
-    overrides = _overrides(args)
     cfg = build_config(args.config, args.optimizer, overrides, args.data_path)
     lay = layout(cfg, world if world or args.dry_run else 1)  # dry run: the smallest layout
+    megatron_checks(cfg, lay)
     if args.dry_run:
         print(describe(cfg, lay, args.config), flush=True)
         if monitor:
@@ -209,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
         os.environ.update(monitor_environment(**{**monitor, "path": os.path.abspath(monitor["path"])}))
     _check_gpus()
-    _check_data(cfg)
+    check_data(cfg)
     job = dict(config=args.config, optimizer=args.optimizer, overrides=overrides,
                data_path=args.data_path)
     from . import launch

@@ -358,15 +358,74 @@ def build_config(path: str | Path, optimizer: str | None = None, overrides: tupl
     if cfg.optimizer.optimizer not in OPTIMIZERS:
         raise RecipeError(f"unknown optimizer {cfg.optimizer.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     _check_spectra(cfg.optimizer, path)
-    if "dataset.seq_length" not in given:
-        cfg.dataset.seq_length = cfg.model.seq_length
     if "optimizer.bf16" not in given:
         cfg.optimizer.bf16 = bool(cfg.model.bf16)
-    if cfg.model.max_position_embeddings < cfg.model.seq_length and "model.max_position_embeddings" not in given:
-        cfg.model.max_position_embeddings = cfg.model.seq_length
     if cfg.model.pipeline_model_parallel_size > 1 and cfg.model.pipeline_dtype is None:
         cfg.model.pipeline_dtype = cfg.model.params_dtype
-    if cfg.dataset.seq_length != cfg.model.seq_length:
-        raise RecipeError(f"{path}: dataset.seq_length={cfg.dataset.seq_length} differs from "
-                          f"model.seq_length={cfg.model.seq_length}")
+    derive(cfg, given, path)
     return cfg
+
+
+def derive(cfg: Any, given: set[str], path: str | Path) -> None:
+    """The values that follow others unless the recipe or an override gives them, shared by
+    :func:`build_config` and the Megatron-free :func:`~megatron_sso.cli.preflight.plain_config`
+    (``given``: the dotted keys that were set). ``dataset.seq_length`` and (when smaller)
+    ``model.max_position_embeddings`` follow ``model.seq_length``; an MoE model under tensor
+    parallelism gets ``model.sequence_parallel`` (Megatron's MoE layer refuses to train
+    without it); the vocabulary is padded by :func:`resolve_vocab`."""
+    m = cfg.model
+    if "dataset.seq_length" not in given:
+        cfg.dataset.seq_length = m.seq_length
+    if m.max_position_embeddings < m.seq_length and "model.max_position_embeddings" not in given:
+        m.max_position_embeddings = m.seq_length
+    if m.num_moe_experts and m.tensor_model_parallel_size > 1 and "model.sequence_parallel" not in given:
+        m.sequence_parallel = True
+    if cfg.dataset.seq_length != m.seq_length:
+        raise RecipeError(f"{path}: dataset.seq_length={cfg.dataset.seq_length} differs from "
+                          f"model.seq_length={m.seq_length}")
+    resolve_vocab(cfg, path)
+
+
+def resolve_vocab(cfg: Any, path: str | Path) -> None:
+    """Megatron's vocabulary padding for every recipe and TP size: the model's vocabulary is the
+    next multiple of ``make_vocab_size_divisible_by x tensor_model_parallel_size`` above the
+    tokenizer's (:func:`~megatron_sso.cli.model_size.padded_vocab`, Megatron-LM's rule and
+    Bridge's ``calculate_padded_vocab_size``), so the output layer splits evenly over the ranks:
+    257 bytes -> 384 at TP 1, 512 at TP 2. Bridge pads only a size it takes from the tokenizer
+    (``model.vocab_size: null``, as the tiny recipes have it); a size given in the model config
+    it uses as is, which is how an unpadded 257 reached the ranks (``257 is not divisible by
+    2``). So a given ``model.vocab_size`` is padded here, a tokenizer's is left to Bridge. A
+    local Hugging Face tokenizer's size is read from its ``tokenizer.json`` into
+    ``tokenizer.vocab_size`` (which must match it, or be null), so that ``--dry-run`` counts it."""
+    from . import tokenizer_files
+    from .model_size import padded_vocab
+
+    m, tok = cfg.model, cfg.tokenizer
+    tok_size = tok.vocab_size
+    if tok.tokenizer_type == "HuggingFaceTokenizer":
+        name = tok.tokenizer_model
+        tok_size = None
+        if name is None:
+            raise RecipeError(f"{path}: tokenizer.tokenizer_model: HuggingFaceTokenizer needs a Hub id or a "
+                              "local tokenizer directory")
+        if tokenizer_files.looks_local(name):
+            if not Path(str(name)).expanduser().is_dir():
+                raise RecipeError(f"{path}: tokenizer.tokenizer_model={name!r}: no such tokenizer directory (make one "
+                                  "with megatron-sso prepare-data --train-tokenizer N or --tokenizer PATH)")
+            try:
+                tok_size = tokenizer_files.vocab_size(name)
+            except tokenizer_files.TokenizerFileError:
+                tok_size = None  # a slow-only (sentencepiece) directory: Bridge reads its size
+            if tok_size is not None:
+                if tok.vocab_size not in (None, tok_size):
+                    raise RecipeError(f"{path}: tokenizer.vocab_size={tok.vocab_size} but {name} holds {tok_size} "
+                                      "tokens (set it to null or to that size)")
+                tok.vocab_size = tok_size
+    if m.vocab_size is None:
+        return
+    padded = padded_vocab(int(m.vocab_size), int(m.make_vocab_size_divisible_by or 1),
+                          int(m.tensor_model_parallel_size))
+    if tok_size is not None and padded < tok_size:
+        raise RecipeError(f"{path}: model.vocab_size={m.vocab_size} is smaller than the tokenizer's {tok_size} "
+                          "tokens (set it to null to follow the tokenizer)")
+    m.vocab_size = padded

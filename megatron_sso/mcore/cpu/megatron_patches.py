@@ -21,7 +21,8 @@ import torch
 
 from megatron_sso.mcore.cpu.import_hooks import ModulePatch
 
-__all__ = ["MODULE_PATCHES", "NotApplicable", "bridge_initialize_without_cuda", "bridge_seed_rng_tracker",
+__all__ = ["CUDA_GRAPHS_LINE", "MODULE_PATCHES", "NotApplicable", "bridge_initialize_without_cuda",
+           "bridge_quiet_cuda_graph_cleanup", "bridge_seed_rng_tracker",
            "bridge_skip_jit_warmup", "cuda_rng_tracker_on_cpu", "define_te_general_gemm", "named",
            "skip_compile_helpers_when_prebuilt", "torch_norm_sequence_parallel"]
 
@@ -141,6 +142,23 @@ def bridge_skip_jit_warmup(binit: types.ModuleType) -> None:
     binit._warmup_jit_function = named("_warmup_jit_function", lambda *args, **kwargs: None)
 
 
+CUDA_GRAPHS_LINE = "Deleting CUDA graphs"
+"""What Bridge 0.3.1's training loop prints at the end of every run (``_delete_cuda_graphs``)."""
+
+
+def bridge_quiet_cuda_graph_cleanup(btrain: types.ModuleType) -> None:
+    """Bridge's ``train()`` ends by printing "Deleting CUDA graphs" and freeing them, whether or
+    not any were captured; on a CPU there are none, so the line only misleads. Drop exactly that
+    line from the module's ``print_rank_0``; every other message passes through."""
+    say = btrain.print_rank_0
+
+    def print_rank_0(message: str) -> None:
+        if message != CUDA_GRAPHS_LINE:
+            say(message)
+
+    btrain.print_rank_0 = named("print_rank_0", print_rank_0)
+
+
 def torch_norm_sequence_parallel(torch_norm: types.ModuleType) -> None:
     """Without TE or Apex, Megatron's local layer spec builds norms with
     ``WrappedTorchNorm``, which asserts ``not config.sequence_parallel``; but MoE with
@@ -175,4 +193,5 @@ MODULE_PATCHES: tuple[tuple[str, ModulePatch], ...] = (
     ("megatron.bridge.training.initialize", bridge_seed_rng_tracker),
     ("megatron.bridge.training.initialize", bridge_skip_jit_warmup),
     ("megatron.bridge.training.setup", bridge_initialize_without_cuda),
+    ("megatron.bridge.training.train", bridge_quiet_cuda_graph_cleanup),
 )
