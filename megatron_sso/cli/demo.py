@@ -39,13 +39,13 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise SystemExit(f"--steps must be positive, got {args.steps}")
-    torch.manual_seed(args.seed)
     import torch  # here, not at the top: every megatron-sso command imports this module
 
     from ..models.tiny_gpt import TinyGPT, batches, lm_loss, stdlib_corpus
     from ..ops.retraction import target_radius
     from ..optim.spectral_sphere import SpectralSphere
 
+    torch.manual_seed(args.seed)
     data = torch.frombuffer(bytearray(stdlib_corpus()), dtype=torch.uint8)
     split = int(0.95 * data.numel())
     train, val = data[:split], data[split:]
