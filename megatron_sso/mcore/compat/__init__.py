@@ -10,7 +10,7 @@ from .. import lazy_face
 
 FACE = {
     "releases": ("release", "bridge_calls_provide", "factory_call_sites", "absent_module_stubs",
-                 "BRIDGE_OPTIMIZER_SITE", "MEGATRON_LM_OPTIMIZER_SITE"),
+                 "builtin_gpt_unavailable", "BRIDGE_OPTIMIZER_SITE", "MEGATRON_LM_OPTIMIZER_SITE"),
 }
 __getattr__ = lazy_face(__name__, FACE)
 __all__ = sorted(name for names in FACE.values() for name in names)

@@ -55,6 +55,29 @@ def factory_call_sites() -> tuple[str, ...]:
     return sites + (MEGATRON_LM_OPTIMIZER_SITE,)
 
 
+BUILTIN_GPT_RELEASES = ((0, 19),)
+"""megatron-core ``(major, minor)`` releases whose ``megatron.training.pretrain()`` our built-in GPT
+script (``megatron_lm/builtin_gpt.py``) calls: ``pretrain(cfg_container, datasets_provider,
+model_type, forward_step, model_provider=...)`` (core_v0.19.0 ``megatron/training/training.py``,
+the same file as the 0.19.2 wheel's). 0.17 takes the providers positionally with no container,
+0.18 a container and the model provider second; neither is tested, so they are not accepted."""
+
+
+def builtin_gpt_unavailable() -> str:
+    """Why Megatron-LM's loop cannot run from the installed wheel with our built-in GPT script
+    ("" when it can): megatron-core missing, a release without ``megatron.training`` (0.16 ships
+    none; 0.17+ do, without ``pretrain_gpt.py``) or one whose ``pretrain()`` it does not call."""
+    found = release("megatron-core")
+    if found is None:
+        return "megatron-core is not installed"
+    if importlib.util.find_spec("megatron.training") is None:
+        return f"megatron-core {found[0]}.{found[1]} does not ship megatron.training (0.17 and later do)"
+    if found not in BUILTIN_GPT_RELEASES:
+        known = ", ".join(f"{a}.{b}" for a, b in BUILTIN_GPT_RELEASES)
+        return f"the built-in GPT script supports megatron-core {known}, not {found[0]}.{found[1]}"
+    return ""
+
+
 def absent_module_stubs() -> tuple[tuple[str, str, bool], ...]:
     """``(module, why, is_package)`` for modules a supported release imports unconditionally
     although the lock leaves their distribution out; CPU mode serves them as stubs.
