@@ -25,11 +25,22 @@ from typing import Optional
 import torch
 
 from .newton_schulz import AllReduce
+from .ritz import rotate_first_column, top_right_singular
 
 Tensor = torch.Tensor
 
 TINY = 1e-30
 """Floor for norms before division: a zero matrix yields sigma = 0 and zero u, not NaN."""
+
+CHOL_SHIFT = 1e-7
+"""Diagonal shift of the Cholesky-QR Gram, relative to its trace: keeps the factorisation
+defined for a rank-deficient block (float32 round-off of the Gram is ~1e-7 of its trace)."""
+
+CHOL_RESCUE_SHIFT = 1e-4
+"""The shift tried, in the same batched factorisation, for a Gram whose round-off beat
+:data:`CHOL_SHIFT` (a nearly rank-deficient block): selected on the device by the returned
+``info``, so a failure costs no host read. Its columns then come out orthogonal up to ~1e-4
+(the second Cholesky-QR pass shrinks that further) instead of the step stopping with an error."""
 
 
 def default_start_vector(n: int, *, offset: int = 0, total: Optional[int] = None,
@@ -65,14 +76,23 @@ def _chol_orthonormalise(V: Tensor, allreduce: Optional[AllReduce]) -> Tensor:
     Cholesky-QR needs only the small Gram ``V^T V`` (one all-reduce when ``V``'s rows are
     split across shards); repeating it once ("CholQR2") restores orthogonality to round-off.
     A tiny diagonal shift keeps the factorisation defined for rank-deficient blocks.
+
+    No host synchronisation: ``torch.linalg.cholesky`` reads its ``info`` on the host to raise,
+    so ``cholesky_ex(check_errors=False)`` factors ``G`` with :data:`CHOL_SHIFT` and with
+    :data:`CHOL_RESCUE_SHIFT` in one batched call, and ``torch.where`` keeps, per matrix, the
+    first that succeeded (the column norms, a diagonal factor, if neither did: non-finite input).
     """
     for _ in range(2):
         G = V.mT @ V
         if allreduce is not None:
             G = allreduce(G)
         eye = torch.eye(G.size(-1), dtype=G.dtype, device=G.device)
-        shift = 1e-7 * G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
-        L = torch.linalg.cholesky(G + shift * eye)
+        scale = G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
+        shifted = torch.stack([G + (CHOL_SHIFT * scale) * eye, G + (CHOL_RESCUE_SHIFT * scale) * eye])
+        Ls, info = torch.linalg.cholesky_ex(shifted, check_errors=False)
+        ok = (info == 0)[..., None, None]
+        diag = torch.diag_embed(shifted[1].diagonal(dim1=-2, dim2=-1).clamp_min(1e-30).sqrt())
+        L = torch.where(ok[0], Ls[0], torch.where(ok[1], Ls[1], diag))
         V = torch.linalg.solve_triangular(L, V.mT, upper=False).mT
     return V
 
@@ -107,8 +127,9 @@ def block_power_iteration(
 
     Returns:
         ``sigma`` (``(...)``, fp32), ``u`` (``(..., m)``), ``v`` (``(..., n)``) and the
-        Ritz block ``(..., n, b)`` sorted by decreasing Ritz value (column 0 is ``v``), to
-        warm-start the next call.
+        orthonormal block ``(..., n, b)`` spanning the iterated subspace with column 0 ``v``
+        (the other columns are not Ritz vectors: only the span matters for the next call's
+        warm start), to warm-start the next call.
     """
     if W.dim() < 2:
         raise ValueError(f"block_power_iteration needs a matrix (..., m, n), got shape {tuple(W.shape)}")
@@ -149,10 +170,13 @@ def block_power_iteration(
     small = U.mT @ A @ V
     if allreduce is not None:
         small = allreduce(small)
-    Us, Ss, Vsh = torch.linalg.svd(small.double())
-    ritz_v = V @ Vsh.mT.to(compute_dtype)
-    u = (U @ Us[..., :, :1].to(compute_dtype)).squeeze(-1)
-    return Ss[..., 0].float(), u, ritz_v[..., 0], ritz_v
+    # The top pair of the b x b matrix without torch.linalg.svd, which waits for the device
+    # on CUDA (:mod:`.ritz`); the block is rotated so that its first column is v.
+    sigma, y = top_right_singular(small)
+    us = (small.double() @ y.unsqueeze(-1)).squeeze(-1) / sigma.clamp_min(TINY).unsqueeze(-1)
+    ritz_v = V @ rotate_first_column(y).to(compute_dtype)
+    u = (U @ us.unsqueeze(-1).to(compute_dtype)).squeeze(-1)
+    return sigma.float(), u, ritz_v[..., 0], ritz_v
 
 
 def power_iteration(

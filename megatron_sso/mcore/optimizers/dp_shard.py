@@ -40,7 +40,7 @@ logger expects), while ``dp_owned_matrices`` says how many this rank updated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -90,9 +90,10 @@ def combine_stats(rows: Tensor) -> Tensor:
     """Reduce ``(R, S)`` stats rows to one: max for the max columns and each kind's norm error,
     sum for the rest."""
     out = rows.sum(dim=0)
-    cols = list(_MAX_COLUMNS) + list(range(len(STAT_FIELDS), rows.size(1), 3))
-    idx = torch.tensor(cols, device=rows.device)
-    out[idx] = rows[:, idx].amax(dim=0)
+    lo, hi = _MAX_COLUMNS[0], _MAX_COLUMNS[-1] + 1  # slices, not an index tensor: no host copy
+    out[lo:hi] = rows[:, lo:hi].amax(dim=0)
+    base = len(STAT_FIELDS)
+    out[base::3] = rows[:, base::3].amax(dim=0)
     return out
 
 
@@ -117,6 +118,7 @@ class ShardDomain:
         self.kinds = sorted({m.kind for m in mods})
         self.kind_index = {k: j for j, k in enumerate(self.kinds)}
         self.tp_split = [i for i, m in enumerate(mods) if m.tp_dim is not None]
+        self._tp_index: Optional[Tensor] = None  # built on the first step, on the flags' device
         self.sharded = shard and self.world > 1
         if self.world > 1:  # flags and owners are positional: the lists must match
             assert_same_across(dp, fingerprint((m.name, m.full_shape, m.local_shape, m.tp_dim) for m in mods),
@@ -162,7 +164,9 @@ class ShardDomain:
         and, for TP-split modules, over the TP group (whose ranks update the module together)."""
         agree_flags(local_bad, self.dp, counter, "dp_agree")
         if self.tp_split and group_size(self.tp) > 1:
-            idx = torch.tensor(self.tp_split, device=local_bad.device)
+            if self._tp_index is None or self._tp_index.device != local_bad.device:
+                self._tp_index = torch.tensor(self.tp_split, dtype=torch.long, device=local_bad.device)
+            idx = self._tp_index  # once, not per step: a host list copied to the device waits for it
             local_bad[idx] = agree_flags(local_bad[idx].contiguous(), self.tp, counter, "tp_agree")
         return local_bad > 0
 

@@ -82,6 +82,15 @@ class MegatronSpectra(ModuleGatherMixin, torch.optim.Optimizer):
         by the time a callback runs)."""
         self._rows: dict[str, list[Tensor]] = {}
         self._counts: dict[str, int] = {}
+        self._indices: dict[tuple, Tensor] = {}
+
+    def _index(self, idx: list[int], device) -> Tensor:
+        """``idx`` as an index tensor on ``device``, built once (a host list copied to the
+        device per step would wait for it: issue 13 item 6)."""
+        key = (tuple(idx), torch.device(device))
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+        return self._indices[key]
 
     # ------------------------------------------------------------------ state
     def _state_for(self, p: Tensor) -> dict[str, Any]:
@@ -212,10 +221,10 @@ class MegatronSpectra(ModuleGatherMixin, torch.optim.Optimizer):
         for i, (_, mod, _) in enumerate(entries):
             by_kind[mod.kind].append(i)
         for kind, idx in by_kind.items():
-            sel = torch.tensor(idx, device=X.device)
+            sel = self._index(idx, X.device)
             s, q = sigma[sel], post[sel]
-            self._rows[kind].append(torch.stack([s.max(), q.max(), (s > cfg.c).float().sum(), s.sum(),
-                                                 torch.tensor(float(len(idx)), device=X.device)]))
+            count = torch.full((), float(len(idx)), device=X.device)  # a fill, not a host copy
+            self._rows[kind].append(torch.stack([s.max(), q.max(), (s > cfg.c).float().sum(), s.sum(), count]))
 
     # ------------------------------------------------------------------ stats
     @property

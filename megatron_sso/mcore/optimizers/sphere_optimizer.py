@@ -112,6 +112,15 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         self._domains: Optional[list[ShardDomain]] = None
         self._stats: dict[str, Tensor] = {}
         self._owned = 0
+        self._indices: dict[tuple, Tensor] = {}
+
+    def _index(self, idx, device) -> Tensor:
+        """``idx`` as an index tensor on ``device``, built once: ``torch.tensor(list, device=cuda)``
+        copies from pageable host memory and so synchronises, once per call (issue 13 item 6)."""
+        key = (tuple(idx), torch.device(device))
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+        return self._indices[key]
 
     # ------------------------------------------------------------------ state
     def _state_for(self, p: Tensor) -> dict[str, Any]:
@@ -120,7 +129,9 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             if self.cfg.on_sphere or self.cfg.on_hyperball:  # hyperball: radii, :mod:`.hyperball_bucket`
                 state["sphere_cache"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            # On the host on purpose (like torch.optim's non-capturable ``step``): the warm test
+            # in :meth:`step` reads it without waiting for the device.
+            state["step"] = torch.zeros((), dtype=torch.float32, device="cpu")
         return state
 
     def _param(self, ref: ModuleRef) -> Tensor:
@@ -169,7 +180,10 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
             skip = d.agree_skips(self._local_flags(d, device), self.counter)
         else:  # one rank: the update checks finiteness itself (gathered over TP)
             missing = [self._param(r).grad is None for r in d.refs]
-            skip = torch.tensor(missing, device=device) if any(missing) else None
+            skip = None
+            if any(missing):
+                skip = torch.zeros(len(missing), dtype=torch.bool, device=device)
+                skip[self._index([i for i, gone in enumerate(missing) if gone], device)] = True
         buckets: dict[tuple, list] = defaultdict(list)
         for i in d.owned:
             ref, mod = d.refs[i], d.mods[i]
@@ -182,7 +196,7 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
             cfg = self.cfg
             if cfg.mode == "muon":  # Megatron's scheduled decoupled decay (wd_mult applied)
                 cfg = dataclasses.replace(cfg, weight_decay=float(group.get("weight_decay", 0.0)))
-            sel = None if skip is None else skip[torch.tensor([e[0] for e in entries], device=device)]
+            sel = None if skip is None else skip[self._index([e[0] for e in entries], device)]
             batches.append(self._step_bucket(entries, cfg, float(group["lr"]), is_warm, kinds, sel))
             self._owned += len(entries)
         local = self._local_stats(d, batches, kinds, device)
@@ -264,8 +278,9 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         for i, (_, _, _, mod, _) in enumerate(entries):
             by_kind[mod.kind].append(i)
         for kind, idx in by_kind.items():
-            sel = torch.tensor(idx, device=W.device)
-            kinds[kind].append(torch.stack([err[sel].max(), rms[sel].sum(), torch.tensor(float(len(idx)))]))
+            sel = self._index(idx, W.device)
+            count = torch.full((), float(len(idx)), device=W.device)  # on W's device: stack refuses a mix
+            kinds[kind].append(torch.stack([err[sel].max(), rms[sel].sum(), count]))
         return stats
 
     # ------------------------------------------------------------------ stats
