@@ -75,3 +75,36 @@ def test_bad_section_is_one_line_and_exit_2(tmp_path):
                            "--sections", "msign,nope", "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+_BROKEN_SECTION = """
+import sys
+sys.path.insert(0, {here!r})
+import correctness
+def broken(*args, **kwargs):
+    raise RuntimeError("msign broken on purpose")
+correctness.msign_vs_svd = broken
+import check
+sys.exit(check.main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
+    code = _BROKEN_SECTION.format(here=str(ROOT / "scripts" / "gpu"))
+    proc = subprocess.run([sys.executable, "-c", code, "--cpu-dry-run", "--sections", "msign,throughput",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert proc.returncode == 1
+    assert results["sections"]["msign"]["status"] == "error"
+    assert "msign broken on purpose" in results["sections"]["msign"]["error"]
+    assert results["sections"]["throughput"]["status"] == "ok"
+    assert "msign: error" in (tmp_path / "results.md").read_text()
+
+
+def test_a_section_past_the_budget_is_skipped(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/gpu/check.py"), "--cpu-dry-run", "--sections",
+                           "msign,engine", "--budget-s", "3", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert proc.returncode == 1 and {s["status"] for s in results["sections"].values()} == {"skipped"}
