@@ -32,8 +32,17 @@ EMBEDDING_NAMES = ("word_embeddings.weight", "position_embeddings.weight", "outp
 
 
 def route(name: str, param: Any, router_on_sphere: bool) -> str:
-    """``"sphere"`` (our optimizer) or ``"adam"`` for one trainable parameter (the routing table)."""
-    if param.dim() != 2:
+    """``"sphere"`` (our optimizer) or ``"adam"`` for one trainable parameter (the routing table).
+
+    A 2-D parameter with a dimension of 1 is a vector stored as a matrix, a gate like the
+    router: megatron-core 0.16.1's ``SharedExpertMLP.gate_weight`` (``moe_shared_expert_gate``,
+    shape ``(1, hidden)``, ``transformer/moe/shared_experts.py``) scales the shared expert's
+    output by ``sigmoid(x . w)``. It goes to Adam whatever ``router_on_sphere`` says: its
+    spectral norm is its Euclidean norm, so the sphere would only fix its length, its packed
+    cache needs 3 rows (the build failed with "has 1 local rows"), and Muon's msign would reduce
+    its update to ``g / ||g||``.
+    """
+    if param.dim() != 2 or min(param.shape) == 1:
         return "adam"
     if name.endswith(EMBEDDING_NAMES) or getattr(param, "is_embedding_or_output_parameter", False):
         return "adam"
