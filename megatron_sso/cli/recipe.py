@@ -183,6 +183,11 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "") if typing.get_origin(tp) else getattr(tp, "__name__", str(tp))
 
 
+def _declared_default(obj: Any, name: str) -> Any:
+    """The default a dataclass declares for field ``name`` (``dataclasses.MISSING`` if none)."""
+    return next((f.default for f in dataclasses.fields(obj) if f.name == name), dataclasses.MISSING)
+
+
 def set_key(cfg: Any, key: str, value: Any, source: str) -> None:
     """Set dotted ``key`` (``section.field[.field]``) of ``cfg`` to ``value``, checked.
     ``source`` names where the value came from (a file, or ``override 'k=v'``)."""
@@ -215,11 +220,15 @@ def set_key(cfg: Any, key: str, value: Any, source: str) -> None:
             try:
                 value = _coerce(value, tp)
             except _Mismatch:
-                # a few Megatron annotations are wrong (Qwen3's ``init_method_std: int = 0.02``):
-                # the type of the class's own default value is accepted too
-                if current is None or type(current) not in (int, float, str, bool):
+                # a few Megatron annotations are wrong: Qwen3's ``init_method_std: int = 0.02`` (the type
+                # of the class's own default value is accepted too) and megatron-core 0.19's tokenizer
+                # ``vocab_size: int = None`` (Bridge 0.6; null is accepted where the declared default is None)
+                if value is None and _declared_default(obj, part) is None:
+                    pass
+                elif current is None or type(current) not in (int, float, str, bool):
                     raise
-                value = _coerce(value, type(current))
+                else:
+                    value = _coerce(value, type(current))
         except _Mismatch:
             raise RecipeError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r} "
                               f"({type(value).__name__})") from None
