@@ -14,7 +14,7 @@ ORDER = ["ops", "distributed", "optim", "mcore", "cli"]
 LEAVES = {"models": 2,  # the tiny pure-torch GPT beside optim: it may use ops and optim only
           "megatron_lm": 4,  # the ``python -m megatron_sso.megatron_lm`` command beside cli
           "testing": 5}  # hooks the tests hand to Bridge ranks: may use anything, nothing uses them
-ROOMS = {"cpu": 0, "optimizers": 1, "observe": 2, "bridge": 3, "megatron_lm": 3}
+ROOMS = {"compat": 0, "cpu": 0, "optimizers": 1, "observe": 2, "bridge": 3, "megatron_lm": 3}
 """mcore's rooms; a room may import a room of lower or equal rank, and only through its face."""
 
 
@@ -124,7 +124,7 @@ def test_faces_and_old_paths_import_no_megatron():
     code = """
 import importlib, sys
 import megatron_sso.mcore as m
-for room in ("cpu", "optimizers", "observe", "bridge", "megatron_lm"):
+for room in ("compat", "cpu", "optimizers", "observe", "bridge", "megatron_lm"):
     face = importlib.import_module(f"megatron_sso.mcore.{room}")
     for module in face.FACE:
         importlib.import_module(f"megatron_sso.mcore.{room}.{module}")

@@ -242,7 +242,6 @@ def base_config():
     wd 0.1 for embeddings, norms, output; no decay on the sphere), byte-level data. On a
     machine without CUDA: local (non-TE) layers, no fused kernels, gloo."""
     import torch
-    from megatron.bridge.models.qwen.qwen_provider import Qwen3ModelProvider
     from megatron.bridge.training.config import (CheckpointConfig, ConfigContainer,
                                                  DistributedDataParallelConfig, DistributedInitConfig,
                                                  GPTDatasetConfig, LoggerConfig, RNGConfig,
@@ -250,7 +249,7 @@ def base_config():
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
 
     from ..mcore.optimizers import SSOOptimizerConfig
-    from ..mcore.bridge import layer_spec
+    from ..mcore.bridge import layer_spec, qwen3_provider
 
     # layer_spec: Bridge's, except that an MoE model gets its dense layers (moe_layer_freq)
     model_kw: dict[str, Any] = dict(vocab_size=None, make_vocab_size_divisible_by=128,
@@ -263,7 +262,7 @@ def base_config():
             cross_entropy_loss_fusion=False, persist_layer_norm=False,
         )
     return ConfigContainer(
-        model=Qwen3ModelProvider(**model_kw),
+        model=qwen3_provider(**model_kw),
         train=TrainingConfig(train_iters=100, global_batch_size=8, micro_batch_size=1,
                              eval_interval=1000, eval_iters=0),
         optimizer=SSOOptimizerConfig(optimizer="sso", lr=5e-3, min_lr=5e-4, weight_decay=0.1,

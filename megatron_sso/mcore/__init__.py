@@ -55,7 +55,7 @@ __all__ = sorted(name for names in FACE.values() for name in names)
 MOVED = {
     "sphere_optimizer": "optimizers.sphere_optimizer", "spectra_optimizer": "optimizers.spectra_optimizer",
     "chain": "optimizers.chain", "factory": "optimizers.factory", "spectra_factory": "optimizers.spectra_factory",
-    "registry": "optimizers.registry", "config": "optimizers.config", "layouts": "optimizers.layouts",
+    "config": "optimizers.config", "layouts": "optimizers.layouts",
     "tp_modules": "optimizers.tp_modules", "dp_shard": "optimizers.dp_shard", "mup_init": "optimizers.mup_init",
     "monitoring": "observe.monitoring", "sphere_logging": "observe.sphere_logging",
     "spectra_logging": "observe.spectra_logging", "cpu_mode": "cpu.mode", "cpu_devices": "cpu.devices",

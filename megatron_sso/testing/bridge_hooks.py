@@ -30,8 +30,29 @@ def install_same_init() -> None:
     ModelProviderMixin.provide_distributed_model = provide
 
 
+def parameter_holders(optimizer, model_chunks) -> dict[str, list[str]]:
+    """For every trainable model parameter, the class names of the torch optimizers inside the
+    (chained, wrapped) Megatron ``optimizer`` that hold it (itself, or its fp32 ``main_param``
+    under bf16): ``{"decoder.layers.0.mlp.linear_fc1.weight": ["MegatronSphere"], ...}``. Read
+    from the optimizers' param groups, not from our routing, so a test can check the routing."""
+    owners: dict[int, list[str]] = {}
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(member, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            for p in group["params"]:
+                owners.setdefault(id(p), []).append(type(inner).__name__)
+    out = {}
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            if p.requires_grad:
+                main = getattr(p, "main_param", None)
+                out[name] = owners.get(id(p), []) + (owners.get(id(main), []) if main is not None else [])
+    return out
+
+
 def layer_check_probe(context) -> dict:
-    """``sphere_logging.probe`` plus, on the first iteration, a check on the *real* Megatron
+    """``sphere_logging.probe`` plus, on the first iteration, which optimizer holds each parameter
+    (:func:`parameter_holders`) and a check on the *real* Megatron
     layer 0: adding noise to one atomic module's view of ``linear_qkv`` (each module in turn)
     must change exactly that head of ``get_query_key_value_tensors``, and the gate/up views of
     ``linear_fc1`` must reproduce the two ``glu`` chunks of its output."""
@@ -43,6 +64,7 @@ def layer_check_probe(context) -> dict:
     out = probe(context)
     if int(context.state.train_state.step) != 0:  # not yet incremented: iteration 1
         return out
+    out["holders"] = parameter_holders(context.optimizer, context.model)
     model = context.model[0]
     layers = getattr(getattr(model, "module", model), "decoder").layers
     attn, mlp = layers[0].self_attention, layers[0].mlp

@@ -10,7 +10,8 @@ with Dense-1.7B layer shapes: adam, our muon, muon_sphere, sso). A section that 
 budget is marked ``skipped``. ``results.json`` and ``results.md`` are rewritten after every
 section, so a run killed by its timeout still leaves what it finished. Exit code 0 when every
 section ran and every check passed, 1 otherwise (2 for bad arguments).
-``--cpu-dry-run``: the same code on tiny sizes on the CPU (gloo, one thread), for the test suite.
+``--cpu-dry-run``: the same code on tiny sizes on the CPU (gloo, one thread), for the test suite, with
+every package the GPU image lacks refused at import (:mod:`image_imports`; ``--all-imports``: off).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None, help="time budget in seconds (GPU 400, dry run 300)")
     p.add_argument("--sections", default=",".join(SECTION_ORDER), help="comma-separated subset of "
                    + ",".join(SECTION_ORDER))
+    p.add_argument("--all-imports", action="store_true", help="dry run: do not refuse the packages the GPU "
+                   "image lacks (scripts/gpu/image_imports.py)")
     p.add_argument("--fp32-engine", action="store_true", help="engine in fp32 instead of bf16 + fp32 main params")
     args = p.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
@@ -111,7 +114,12 @@ def write(out: Path, results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
+    finder = None
     if args.cpu_dry_run:
+        if not args.all_imports:
+            from image_imports import restrict_imports
+
+            finder = restrict_imports()  # what the GPU image lacks fails here as it would there
         device, sizes = torch.device("cpu"), CPU_SIZES
         torch.set_num_threads(1)  # tiny matrices: threads only add contention (35x slower measured on 2 busy cores)
     else:
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "engine" and entry["status"] == "ok":
             results["environment"]["megatron_core"] = entry["result"]["megatron_core"]
         write(out, results)
+    if finder is not None:
+        results["environment"]["refused_imports"] = sorted(finder.refused)
     results["seconds"] = round(time.time() - start, 1)
     write(out, results)
     checks = [c for s in results["sections"].values() for c in s.get("result", {}).get("checks", [])]

@@ -172,6 +172,18 @@ def test_tiny_moe_on_prepared_data(dataset):
     assert "msign/matrix" in proc.stdout and "done: loss" in proc.stdout
 
 
+def test_tiny_dense_sso_two_ranks():
+    """The README's training command on two data-parallel ranks: CI runs it on both stacks
+    (megatron-core 0.16.1 / Bridge 0.3.1 and 0.19.2 / 0.6.2, scripts/test.sh)."""
+    proc = _cli("pretrain", "--config", "configs/tiny_dense_cpu.yaml", "--optimizer", "sso", "--nproc", "2",
+                "train.train_iters=6", "--timeout", "200", timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = _losses(proc.stdout)
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    errors = [float(e) for e in re.findall(r"\|W\|2/R-1 max (\S+)", proc.stdout)]
+    assert len(errors) == 6 and max(errors) < 1e-3, errors  # the weights each step started from
+
+
 def test_tiny_deepnet_two_pipeline_ranks():
     proc = _cli("pretrain", "--config", "configs/tiny_deepnet_cpu.yaml", "--nproc", "2", "--optimizer", "muon_sphere",
                 "train.train_iters=4", "--timeout", "150")

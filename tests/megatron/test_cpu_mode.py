@@ -151,11 +151,12 @@ def single_rank_run():
 def test_bridge_pretrain_adam_one_rank(single_rank_run):
     _check_training(single_rank_run)
     rank = single_rank_run.ranks[0]
-    # Every Megatron module patch found its module on the pretrain() path.
+    # Every Megatron module patch found its module on the pretrain() path (applied, or skipped as
+    # not needed: define_te_general_gemm on megatron-core >= 0.17, which defines the name itself).
     assert rank.cpu_mode_pending == [], rank.cpu_mode_pending
     for name in ("stub_bridge_te_modules", "redirect_cuda_devices", "bridge_initialize_without_cuda",
                  "bridge_seed_rng_tracker", "bridge_skip_jit_warmup", "cuda_rng_tracker_on_cpu",
-                 "define_te_general_gemm", "skip_compile_helpers_when_prebuilt"):
+                 "skip_compile_helpers_when_prebuilt"):
         assert any(p.split(" ")[0] == name for p in rank.cpu_mode_patches), (name, rank.cpu_mode_patches)
 
 

@@ -9,6 +9,7 @@ torch_dist save and exact resume. Ranks start with Megatron's CPU initialisation
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +23,9 @@ MOE = ("model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidd
        "model.moe_shared_expert_intermediate_size=32", "model.moe_token_dispatcher_type=allgather",
        "model.moe_grouped_gemm=false", "model.moe_aux_loss_coeff=0.01")
 pytestmark = [CUDA_FREE, NEEDS_MEGATRON, pytest.mark.megatron, pytest.mark.distributed]
+SPHERE_WEIGHTS = re.compile(r"(linear_qkv|linear_proj|linear_fc1|linear_fc2)\.weight\d*$")
+"""The hidden matrices (dense, shared-expert, expert; TEGroupedMLP's weight<i> too): written out
+here from Megatron's parameter names, apart from the routing table the product uses."""
 
 
 def _run(world_size=1, overrides=(), **spec):
@@ -30,6 +34,22 @@ def _run(world_size=1, overrides=(), **spec):
     spec.setdefault("train_iters", 4)
     return run_pretrain(TinyGPTSpec(optimizer="sso", lr=1e-2, overrides=NO_DROPOUT + tuple(overrides), **spec),
                         world_size=world_size, setup_hook=HOOK, probe=PROBE, timeout_s=240)
+
+
+def _check_holders(run) -> None:
+    """Every hidden matrix is held by our MegatronSphere and by nothing else; every other parameter
+    (embeddings, output layer, norms, router) by Megatron's Adam only -- on every rank."""
+    for rank in run.ranks:
+        holders = rank.probes[1]["holders"]
+        assert holders, rank.rank
+        sphere = {n for n in holders if SPHERE_WEIGHTS.search(n)}
+        assert sphere, sorted(holders)
+        def held_right(name, held):
+            if name in sphere:
+                return held == ["MegatronSphere"]
+            return len(held) == 1 and held[0] in ("Adam", "AdamW")
+        wrong = {n: h for n, h in holders.items() if not held_right(n, h)}
+        assert not wrong, wrong
 
 
 def _check(run, iters=(1, 2, 3, 4)) -> list[float]:
@@ -58,6 +78,7 @@ def dense(tmp_path_factory):
 def test_dense_qwen3_sso(dense):
     run, _ = dense
     _check(run)
+    _check_holders(run)
     probe = run.ranks[0].probes
     assert probe[1]["lambda_tol"] == 1e-4  # a Bridge override reached the SphereConfig
     kinds = set(probe[4]["norm_errors"])
@@ -96,6 +117,7 @@ def test_checkpoint_resume_is_exact(dense):
 def test_moe_sso_with_spectral_mup_init():
     run = _run(overrides=MOE + ("optimizer.sso_mup_init=true",))
     _check(run)
+    _check_holders(run)
     first = run.ranks[0].probes[1]["stats"]  # sigma/R of the weights step 1 started from
     init_errors = {k: v for k, v in first.items() if k.endswith("/norm_error")}
     print("step-1 norm errors after spectral-muP init:", init_errors)

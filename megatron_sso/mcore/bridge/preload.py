@@ -13,6 +13,6 @@ with warnings.catch_warnings():
     from megatron_sso.mcore.cpu import enable_cpu_mode
 
     enable_cpu_mode()
-    import megatron.bridge.models.qwen.qwen_provider  # noqa: F401,E402
+    import megatron.bridge.models.gpt_provider  # noqa: F401,E402
     import megatron.bridge.training.gpt_step  # noqa: F401,E402
     import megatron.bridge.training.pretrain  # noqa: F401,E402

@@ -84,7 +84,6 @@ def build_tiny_config(spec: TinyGPTSpec):
     """
     import torch
     from megatron.bridge.models.gpt_provider import GPTModelProvider
-    from megatron.bridge.models.qwen.qwen_provider import Qwen3ModelProvider
     from megatron.bridge.training.config import (
         CheckpointConfig,
         ConfigContainer,
@@ -100,6 +99,7 @@ def build_tiny_config(spec: TinyGPTSpec):
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
 
     from .layer_specs import layer_spec
+    from .qwen3 import qwen3_provider
 
     no_fusions = dict(
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
@@ -109,7 +109,7 @@ def build_tiny_config(spec: TinyGPTSpec):
     common = dict(
         num_layers=spec.num_layers, hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.ffn_hidden_size, num_attention_heads=spec.num_attention_heads,
-        seq_length=spec.seq_length, max_position_embeddings=spec.seq_length,
+        seq_length=spec.seq_length,
         vocab_size=spec.vocab_size, make_vocab_size_divisible_by=128,
         tensor_model_parallel_size=spec.tensor_parallel,
         pipeline_model_parallel_size=spec.pipeline_parallel,
@@ -119,8 +119,8 @@ def build_tiny_config(spec: TinyGPTSpec):
         **no_fusions,
     )
     if spec.qwen3:
-        model = Qwen3ModelProvider(
-            num_query_groups=spec.num_query_groups,
+        model = qwen3_provider(
+            num_query_groups=spec.num_query_groups, max_position_embeddings=spec.seq_length,
             kv_channels=spec.hidden_size // spec.num_attention_heads, **common,
         )
     else:

@@ -3,7 +3,7 @@
 ``enable_cpu_mode()`` (:mod:`.mode`) maps CUDA calls to the host (:mod:`.devices`), stubs what
 Bridge hard-imports from Transformer Engine, and patches Megatron modules as they are imported
 (:mod:`.import_hooks`, the patches in :mod:`.megatron_patches`); a no-op where CUDA is available.
-Imports nothing of the other rooms. Callers: the CLI, the Bridge runner and its forkserver
+Of the other rooms it uses only :mod:`..compat` (which absent modules to stub). Callers: the CLI, the Bridge runner and its forkserver
 preload, the Megatron-LM CPU glue, tests.
 """
 

@@ -30,6 +30,7 @@ class ImportHook(importlib.abc.MetaPathFinder):
     def __init__(self, apply: Callable[[ModulePatch, types.ModuleType], None]) -> None:
         self._apply = apply
         self.stubs: dict[str, str] = {}
+        self.stub_packages: set[str] = set()
         self.pending: dict[str, list[ModulePatch]] = {}
 
     def install(self) -> None:
@@ -37,10 +38,13 @@ class ImportHook(importlib.abc.MetaPathFinder):
         if self not in sys.meta_path:
             sys.meta_path.insert(0, self)
 
-    def stub(self, module_name: str, why: str) -> None:
+    def stub(self, module_name: str, why: str, package: bool = False) -> None:
         """Serve ``module_name`` as a stub; instantiating any of its names raises
-        ``RuntimeError(why)``."""
+        ``RuntimeError(why)``. A ``package`` stub has an empty ``__path__``: its stubbed
+        submodules import, any other submodule is "not found" as if the package were absent."""
         self.stubs[module_name] = why
+        if package:
+            self.stub_packages.add(module_name)
 
     def after_import(self, module_name: str, patch: ModulePatch) -> None:
         """Run ``patch(module)`` once ``module_name`` has been imported."""
@@ -52,7 +56,8 @@ class ImportHook(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname in self.stubs:
-            return importlib.machinery.ModuleSpec(fullname, _StubLoader(self.stubs[fullname]), origin="stub")
+            return importlib.machinery.ModuleSpec(fullname, _StubLoader(self.stubs[fullname]), origin="stub",
+                                                  is_package=fullname in self.stub_packages)
         if fullname not in self.pending:
             return None
         for finder in sys.meta_path:  # let the real finders locate it, then wrap its loader

@@ -90,6 +90,20 @@ def stub_bridge_te_modules() -> None:
         _HOOK.stub(name, "needs transformer-engine, which is not installed (CPU mode stub)")
 
 
+def stub_absent_modules() -> None:
+    """Serve the modules a supported Megatron release imports unconditionally although the
+    lock leaves their distribution out (:func:`megatron_sso.mcore.compat.absent_module_stubs`:
+    nvidia-resiliency-ext for Megatron-Bridge 0.6's ``pretrain.py``) as stubs whose names raise
+    when instantiated. Like :func:`stub_bridge_te_modules`, before ``megatron.bridge`` is imported."""
+    from megatron_sso.mcore.compat import absent_module_stubs
+
+    stubs = absent_module_stubs()
+    if not stubs:
+        raise NotApplicable("no absent module is imported by the installed releases")
+    for name, why, package in stubs:
+        _HOOK.stub(name, f"{why} (CPU mode stub)", package=package)
+
+
 def redirect_cuda_devices() -> None:
     """Enter :class:`CudaToCpuMode` on the calling thread, for good: Megatron's
     ``device="cuda"`` / ``device=torch.cuda.current_device()`` allocations, ``.cuda()``,
@@ -162,6 +176,7 @@ def cuda_rng_on_cpu_generator() -> None:
 #: Applied at once, in order.
 _TORCH_PATCHES: tuple[Callable[[], None], ...] = (
     stub_bridge_te_modules,
+    stub_absent_modules,
     redirect_cuda_devices,
     noop_device_management,
     host_streams_and_events,

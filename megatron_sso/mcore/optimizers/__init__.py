@@ -13,7 +13,8 @@ room's face; the rest is internal.
 from .. import lazy_face
 
 FACE = {
-    "factory": ("install", "get_sphere_megatron_optimizer", "CALL_SITES"),
+    "factory": ("install", "get_sphere_megatron_optimizer", "builder_for", "provide_for"),
+    "unsupported": ("REFUSALS", "find_refusal"),
     "spectra_factory": ("get_spectra_megatron_optimizer",),
     "config": ("SSOOptimizerConfig", "SPHERE_OPTIMIZERS", "SPHERE_MODES", "MEGATRON_SETTINGS", "sphere_config_from",
                "megatron_setting"),

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 from .layouts import ParamLayout, param_layout
 from .sphere_optimizer import LAYOUT_ATTR
+from .unsupported import refuse_cutting_settings
 
 EMBEDDING_NAMES = ("word_embeddings.weight", "position_embeddings.weight", "output_layer.weight")
 """Parameter-name suffixes that always go to Adam (embeddings and the output layer)."""
@@ -126,8 +127,9 @@ def build_chain(config: Any, model_chunks: list, *, router_on_sphere: bool, spli
         pg_collection: as given to Megatron's factory; ``None`` uses the mpu groups (and is
             passed on as ``None``: Megatron refuses gloo groups together with a collection).
     """
+    refuse_cutting_settings(config, model_chunks)  # before anything is built
     from megatron.core.optimizer import (ChainedOptimizer, Float16OptimizerWithFloat16Params,
-                                         FP32Optimizer, _get_param_groups)
+                                         FP32Optimizer, _get_param_groups, get_standard_config_overrides)
     from megatron.core.optimizer.grad_scaler import ConstantGradScaler
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -143,7 +145,10 @@ def build_chain(config: Any, model_chunks: list, *, router_on_sphere: bool, spli
         before_grouping(matrices, tp_groups)
 
     with _hidden(others):  # Megatron's own grouping of the matrices only
-        groups = _get_param_groups(model_chunks, config, config_overrides)
+        # None means Megatron's standard overrides (no decay on biases and 1-D, decoupled lr): applied
+        # inside _get_param_groups by megatron-core 0.16, by get_megatron_optimizer from 0.18 on
+        standard = get_standard_config_overrides(config) if config_overrides is None else config_overrides
+        groups = _get_param_groups(model_chunks, config, standard)
 
     def wrap(param_groups, stats_group):
         inner = make_inner(param_groups, tp_groups, pg_collection)

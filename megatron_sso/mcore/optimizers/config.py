@@ -11,8 +11,10 @@ real dataclass, Bridge's YAML merge and Hydra overrides see the fields:
 ``optimizer.sso_lambda_tol=1e-4`` or ``optimizer.spectra_post_clip=5`` work, and a YAML may name
 the class with ``_target_: megatron_sso.mcore.optimizers.config.SSOOptimizerConfig``.
 
-A plain ``OptimizerConfig`` works too: missing ``sso_*`` attributes take the defaults
-(Megatron-LM's argument hook sets them as attributes on the stock object).
+A plain ``OptimizerConfig`` works too where the factory's call sites are wrapped (Megatron-LM,
+Bridge 0.3.1: :func:`.factory.install`): missing ``sso_*`` attributes take the defaults
+(Megatron-LM's argument hook sets them as attributes on the stock object). Bridge >= 0.4 needs
+this class: it builds our optimizers through its ``provide`` attribute (:func:`_provide`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,22 @@ def _sphere_fields() -> list[tuple[str, type, Any]]:
     return out
 
 
+def _provide(config: Any):
+    """``SSOOptimizerConfig.provide``: Megatron-Bridge >= 0.4 builds the optimizer with
+    ``config.provide(model_chunks=..., config_overrides=..., use_gloo_process_groups=...,
+    pg_collection=...)`` whenever the config object has that attribute. Ours has it exactly when it
+    selects one of our optimizers (:func:`.factory.provide_for`); for ``adam``, ``sgd`` or Megatron's
+    own Muon the attribute is absent (AttributeError, so ``hasattr`` is False) and Bridge runs its
+    own factory as if the config were its own class. Bridge 0.3.1 never asks."""
+    from .factory import provide_for  # the factory imports this module
+
+    provide = provide_for(config)
+    if provide is None:
+        raise AttributeError(f"provide: optimizer={getattr(config, 'optimizer', None)!r} is built by "
+                             "Megatron's own factory")
+    return provide
+
+
 def __getattr__(name: str):
     # Built lazily: importing this module must not import Megatron (pytest's process, layering).
     if name == "SSOOptimizerConfig":
@@ -79,7 +97,7 @@ def __getattr__(name: str):
                 "SSOOptimizerConfig", _sphere_fields(), bases=(_base_optimizer_config(),),
                 namespace={"__doc__": "Megatron OptimizerConfig plus the ``sso_*`` settings "
                                       "(see megatron_sso.mcore.optimizers.config).",
-                           "__module__": __name__},
+                           "__module__": __name__, "provide": property(_provide)},
             )
             _BASE_CLASS.__qualname__ = "SSOOptimizerConfig"
         return _BASE_CLASS

@@ -1,15 +1,22 @@
 """``optimizer: sso | muon_sphere | muon`` through Megatron's optimizer factory.
 
-megatron-core 0.16/0.17 has no optimizer registry and its callers bind the factory name at
-import time (``from megatron.core.optimizer import get_megatron_optimizer``), so
-:func:`install` replaces the name at the call sites: Megatron-Bridge's
-``megatron.bridge.training.optim`` (which sends every name containing "muon" to
-``get_megatron_muon_optimizer`` instead, so that name is wrapped too) and Megatron-LM's
-``megatron.training.training``. Our names go to :func:`get_sphere_megatron_optimizer`
-(``signum``, ``ademamix`` and ``adam`` with a SPECTRA clip on go to
-:mod:`.spectra_factory`), all others fall through unchanged. On megatron-core >= 0.18 the
-private registry in ``megatron/core/optimizer/emerging_optimizers.py`` is used for the sphere
-names when present (see :mod:`.registry`).
+Two hooks, one dispatch rule (:func:`builder_for`): our names go to
+:func:`get_sphere_megatron_optimizer` (``signum``, ``ademamix`` and ``adam`` with a SPECTRA clip on
+go to :mod:`.spectra_factory`), all others to Megatron's own factory, unchanged.
+
+* Megatron-Bridge >= 0.4 calls ``optimizer_config.provide(...)`` when the config has one:
+  :class:`~.config.SSOOptimizerConfig` does, for our names (:func:`provide_for`), so Bridge needs
+  no patching at all.
+* Megatron-LM (every release) and Megatron-Bridge 0.3.1 import the factory name at import time
+  (``from megatron.core.optimizer import get_megatron_optimizer``), so :func:`install` replaces the
+  name at those call sites (:func:`megatron_sso.mcore.compat.factory_call_sites`); Bridge 0.3.1
+  sends every name containing "muon" to ``get_megatron_muon_optimizer``, so that name is wrapped too.
+
+megatron-core >= 0.18 also has a private registry for "emerging" optimizers
+(``megatron/core/optimizer/emerging_optimizers.py``). We do not use it: it needs the
+``emerging-optimizers`` package even for a plugin's entry, it runs its parameter predicates before
+any hook could attach our layouts, and it rebuilds the fp32 main params without them; wrapping the
+call sites works the same on every release and touches no private name (docs/megatron.md).
 
 Routing (paper §6.1, SPEC §3): every 2-D hidden weight goes to the sphere optimizer, split into
 atomic modules (:mod:`.layouts`); word and position embeddings and the output layer (by name
@@ -34,17 +41,10 @@ from .spectra_settings import SPECTRA_OPTIMIZERS, spectra_selected
 from .chain import build_chain, route  # noqa: F401  (route: the routing table, re-exported)
 from .dp_shard import dp_groups_of
 from .sphere_optimizer import MegatronSphere, check_cache_fits, init_sphere_state
+from ..compat import factory_call_sites
 
 logger = logging.getLogger(__name__)
 
-CALL_SITES = ("megatron.bridge.training.optim", "megatron.training.training")
-"""Modules that import the factory name directly (and so must have it replaced)."""
-
-def _core_version() -> tuple[int, int]:
-    from megatron.core import package_info
-
-    major, minor = package_info.__version__.split(".")[:2]
-    return int(major), int(minor)
 
 
 def get_sphere_megatron_optimizer(config: Any, model_chunks: list, config_overrides: Optional[dict] = None,
@@ -95,22 +95,48 @@ def get_sphere_megatron_optimizer(config: Any, model_chunks: list, config_overri
     return chain.optimizer
 
 
+def builder_for(config: Any, names: tuple[str, ...] = SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS):
+    """Our factory for ``config`` (:func:`get_sphere_megatron_optimizer` or SPECTRA's), or None
+    when Megatron's own builds it: plain ``adam``, ``sgd`` and names not in ``names``. The one
+    dispatch rule of the wrapped call sites and of ``SSOOptimizerConfig.provide``."""
+    mode = getattr(config, "optimizer", None)
+    if mode in names and mode in SPHERE_OPTIMIZERS:
+        return get_sphere_megatron_optimizer
+    if spectra_selected(config) and (mode == "adam" or mode in names):
+        from .spectra_factory import get_spectra_megatron_optimizer  # loaded only when SPECTRA is asked for
+
+        return get_spectra_megatron_optimizer
+    return None
+
+
+def provide_for(config: Any):
+    """Megatron-Bridge >= 0.4's optimizer hook for ``config``: a callable ``provide(model_chunks,
+    config_overrides, use_gloo_process_groups, pg_collection)`` that builds our optimizer, or None
+    when ``config`` selects one of Megatron's own (Bridge then runs its own factory)."""
+    build = builder_for(config)
+    if build is None:
+        return None
+
+    def provide(model_chunks: Any, config_overrides: Optional[dict] = None, use_gloo_process_groups: bool = True,
+                pg_collection: Any = None):
+        chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+        return build(config, chunks, config_overrides=config_overrides,
+                     use_gloo_process_groups=use_gloo_process_groups, pg_collection=pg_collection)
+
+    return provide
+
+
 def _wrap(original, names: tuple[str, ...]):
     if getattr(original, "_megatron_sso_wrapped", False):
         return original
 
     @functools.wraps(original)
     def factory(config, model_chunks, *args, **kwargs):
-        mode = getattr(config, "optimizer", None)
-        if mode in names and mode in SPHERE_OPTIMIZERS:
-            kwargs.pop("layer_wise_distributed_optimizer", None)  # Bridge's muon call site
-            return get_sphere_megatron_optimizer(config, model_chunks, *args, **kwargs)
-        if spectra_selected(config) and (mode == "adam" or mode in names):
-            from .spectra_factory import get_spectra_megatron_optimizer  # loaded only when SPECTRA is asked for
-
-            kwargs.pop("layer_wise_distributed_optimizer", None)
-            return get_spectra_megatron_optimizer(config, model_chunks, *args, **kwargs)
-        return original(config, model_chunks, *args, **kwargs)
+        build = builder_for(config, names)
+        if build is None:
+            return original(config, model_chunks, *args, **kwargs)
+        kwargs.pop("layer_wise_distributed_optimizer", None)  # Bridge 0.3.1's muon call site
+        return build(config, model_chunks, *args, **kwargs)
 
     factory._megatron_sso_wrapped = True
     factory._megatron_sso_original = original
@@ -122,13 +148,14 @@ def install(names: tuple[str, ...] = SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS,
     """Make Megatron's factory build our optimizers for ``names``; returns what was patched.
 
     Idempotent. Call it in every rank before training starts (for Bridge: before
-    ``pretrain``). ``names`` may drop ``"muon"`` to keep Megatron's own Muon. ``adam`` with a
+    ``pretrain``; with Bridge >= 0.4 and an ``SSOOptimizerConfig`` it patches nothing of Bridge and
+    is not needed). ``names`` may drop ``"muon"`` to keep Megatron's own Muon. ``adam`` with a
     SPECTRA clip on (:func:`~.spectra_settings.spectra_enabled`) always goes to
     :mod:`.spectra_factory`; plain ``adam`` always stays Megatron's.
 
     ``sites`` are the modules whose factory names are wrapped. By default every module of
-    :data:`CALL_SITES` that imports (one that raises ImportError is skipped, e.g. Bridge for a
-    Megatron-LM user). Given explicitly, only those are imported and wrapped, and an import
+    :func:`~megatron_sso.mcore.compat.factory_call_sites` that imports (one that raises ImportError
+    is skipped, e.g. Bridge for a Megatron-LM user). Given explicitly, only those are imported and wrapped, and an import
     error propagates: the Megatron-LM launcher passes ``("megatron.training.training",)`` so
     that ``megatron.bridge`` is never imported into a Megatron-LM run.
     """
@@ -139,13 +166,7 @@ def install(names: tuple[str, ...] = SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS,
     if isinstance(sites, str):
         raise ValueError(f"sites must be a tuple of module names, got the string {sites!r}")
     patched = []
-    if _core_version() >= (0, 18):
-        from .registry import register_emerging
-
-        if register_emerging(tuple(n for n in names if n in SPHERE_OPTIMIZERS)):
-            patched.append("megatron.core.optimizer.emerging_optimizers")
-            names = tuple(n for n in names if n not in SPHERE_OPTIMIZERS)  # SPECTRA: call sites below
-    for modname in CALL_SITES if sites is None else tuple(sites):
+    for modname in factory_call_sites() if sites is None else tuple(sites):
         try:
             mod = importlib.import_module(modname)
         except ImportError:
