@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compare AdamW, Muon, MuonSphere, SSO (and AdamW+SPECTRA) on the same tiny models, tokens and seed.
+"""Compare AdamW, Muon, MuonSphere, SSO, Muon-Hyperball (and AdamW+SPECTRA) on the same tiny models and tokens.
 
 Why this script: the paper's claim (SPEC §7: SSO < MuonSphere < Muon < AdamW in final validation
 loss, SSO reaching AdamW's final loss in fewer steps, bounded spectral norms and activations,
@@ -13,15 +13,23 @@ Steps: (1) ``prepare-data`` on the Python standard library's ``*.py`` sources (u
 ``--data-path``); (2) per ``--model`` (``dense``: configs/tiny_dense_cpu.yaml, ``moe``:
 configs/tiny_moe_cpu.yaml) and optimizer, optionally ``--sweep``: each lr of a small grid for
 ``--sweep-steps`` steps, keeping the lowest final validation loss (each optimizer at its own good
-lr); (3) one full run per optimizer; (4) ``compare.csv`` (all models), PNG plots and a Markdown
+lr); the sphere entries (MuonSphere, SSO, Muon-Hyperball) over lr x radius scaler c
+(``--radius-scalers``, default 1, 2, 4: the paper tuned c, Fig. 5, and c changes the relative step,
+so lr and c are swept together), each c's grid extended past an edge holding its best lr;
+(3) the final run of every optimizer at its best setting, once per ``--seeds`` value (default two:
+the report gives the mean and both values and says when a difference is inside the seed spread);
+(4) ``compare.csv`` (all models, every seed), PNG plots (with the lr x c heat maps) and a Markdown
 report (:mod:`compare.report`). Nothing is tuned towards the paper's ordering. An entry whose
 settings this installation does not know (AdamW+SPECTRA needs ``optimizer.spectra_post_clip``)
 is skipped with a message, the rest still run.
 
-With ``--sweep`` the defaults are the full comparison (both models, 5 entries, 3-point lr sweeps
-of 150 steps, 800-step final runs): 40 runs, about 18 minutes on 2 idle CPU cores (measured on
-30-step runs: ~9 s startup per run; dense 66-98 ms and MoE 19-38 ms per step, AdamW fastest,
-SSO slowest), under 30 minutes with 1.5x slack for a shared machine::
+With ``--sweep`` the defaults are the full comparison, and this one command regenerates
+docs/results.md: both models, 6 entries; 3-point lr sweeps of 150 steps (3 x 3 per sphere entry,
+plus edge extensions), 800-step final runs at 2 seeds: about 45-60 sweep runs and 12 final runs per
+model. The 40-run version of this protocol (no c sweep, one seed) took about 18 minutes on 2 idle
+CPU cores (~9 s startup per run; dense 66-98 ms and MoE 19-38 ms per step), so expect roughly
+1-1.5 hours idle and several on a shared machine; ``--model``, ``--optimizers``, ``--cs`` and
+``--lrs`` cut it down::
 
     python scripts/compare_optimizers.py --sweep --out runs/compare --plots-dir docs/results \\
         --report docs/results.md
@@ -36,7 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the ``compare`` package beside this file
 
 from compare import plots, report, tables  # noqa: E402
-from compare.runs import MODELS, OPTIMIZERS, SWEEP, parse_lrs, prepare_data, run_model  # noqa: E402
+from compare.runs import (MODELS, OPTIMIZERS, RADIUS_SCALERS, SEEDS, SWEEP, parse_lrs, prepare_data,  # noqa: E402
+                          run_model)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,11 +60,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--eval-iters", type=int, default=4)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                   help="comma list; every final run is repeated per seed (the sweep uses the first)")
     p.add_argument("--lrs", default="", help="fixed lrs, e.g. adam=1e-2,sso=2e-2,moe:sso=3e-2 (skips their sweep)")
     p.add_argument("--sweep", action="store_true", help="try --sweep-lrs per optimizer on short runs, keep the best")
     p.add_argument("--sweep-lrs", default="", help="e.g. adam=3e-3/1e-2,moe:sso=1e-2/2e-2 (default: a built-in grid)")
     p.add_argument("--sweep-steps", type=int, default=150)
+    p.add_argument("--sweep-extend", type=int, default=2,
+                   help="times a sweep grid is extended past an edge that holds its best lr")
+    p.add_argument("--radius-scalers", default=",".join(f"{c:g}" for c in RADIUS_SCALERS),
+                   help="radius scaler c grid of the sphere entries (MuonSphere, SSO, Muon-Hyperball)")
+    p.add_argument("--cs", default="", help="fixed c per sphere entry, e.g. sso=2,moe:muon_hyperball=1 (skips the c sweep)")
     p.add_argument("--spectra-clip", type=float, default=5.0,
                    help="AdamW+SPECTRA post-clip level c (SPEC §5: 5 with a cosine schedule)")
     p.add_argument("--monitor-interval", type=int, default=10, help="steps between spectral / activation snapshots")
@@ -80,6 +95,16 @@ def main(argv=None) -> int:
     if args.config and len(models) > 1:
         print("--config applies to a single --model", file=sys.stderr)
         return 2
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        args.radius_scalers = [float(x) for x in args.radius_scalers.split(",") if x.strip()]
+        parse_lrs(args.cs), parse_lrs(args.lrs), parse_lrs(args.sweep_lrs, many=True)
+    except ValueError as exc:
+        print(f"bad --seeds / --radius-scalers / --cs / --lrs / --sweep-lrs value: {exc}", file=sys.stderr)
+        return 2
+    if not args.seeds or not args.radius_scalers or min(args.radius_scalers) <= 0:
+        print("--seeds and --radius-scalers need at least one value (radius scalers > 0)", file=sys.stderr)
+        return 2
     args.configs = {m: args.config or MODELS[m] for m in models}
     data = prepare_data(args)
     args.data_desc = args.data_path or f"{args.corpus or 'Python stdlib'} *.py, first {args.max_bytes:,} bytes"
@@ -96,6 +121,12 @@ def main(argv=None) -> int:
     tables.write_csv(out / "compare.csv", results)
     command = "python scripts/compare_optimizers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     grids = {**SWEEP, **parse_lrs(args.sweep_lrs, many=True)}
+    if any(sweeps.values()):
+        try:
+            for model in models:
+                pngs[model] += plots.plot_sweep(model, sweeps[model], plot_dir) if sweeps[model] else []
+        except ImportError:
+            pass
     report.write(Path(args.report) if args.report else out / "results.md", args, results, sweeps, skipped, pngs,
                  grids, command)
     print(f"wrote {out / 'compare.csv'}, {sum(map(len, pngs.values()))} plots, report", flush=True)

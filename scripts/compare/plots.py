@@ -119,3 +119,38 @@ def plot_model(model: str, runs: dict, outdir: Path) -> list[Path]:
         axes[0].legend(fontsize=7)
         paths.append(_save(plt, fig, outdir / f"{model}_maxvio.png"))
     return paths
+
+
+def plot_sweep(model: str, sweep: dict, outdir: Path) -> list[Path]:
+    """``M_sweep.png``: per swept sphere entry a heat map of the sweep's final validation loss over
+    lr (columns, the union of every c's grid) x radius scaler c (rows); blank where not run, the best
+    cell outlined. ``sweep`` is ``{opt: {c: [(lr, val)]}}``; entries without a radius are left out."""
+    entries = [(o, per_c) for o, per_c in sweep.items() if any(c is not None for c in per_c)]
+    if not entries:
+        return []
+    plt = _plt()
+    outdir.mkdir(parents=True, exist_ok=True)
+    fig, axes = _grid(plt, len(entries), cols=3, w=4.6, h=3.0)
+    for ax, (opt, per_c) in zip(axes, entries):
+        cs = sorted(per_c)
+        lrs = sorted({lr for res in per_c.values() for lr, _ in res})
+        grid = [[math.nan] * len(lrs) for _ in cs]
+        for i, c in enumerate(cs):
+            for lr, val in per_c[c]:
+                grid[i][lrs.index(lr)] = val if math.isfinite(val) else math.nan
+        finite = [v for row in grid for v in row if v == v]
+        im = ax.imshow(grid, aspect="auto", cmap="viridis_r", origin="lower",
+                       vmin=min(finite, default=0.0), vmax=max(finite, default=1.0))
+        if finite:
+            bi, bj = min(((i, j) for i in range(len(cs)) for j in range(len(lrs)) if grid[i][j] == grid[i][j]),
+                         key=lambda ij: grid[ij[0]][ij[1]])
+            ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+        for i in range(len(cs)):
+            for j in range(len(lrs)):
+                if grid[i][j] == grid[i][j]:
+                    ax.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", fontsize=6, color="white")
+        ax.set_xticks(range(len(lrs)), [f"{lr:.2g}" for lr in lrs], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(cs)), [f"{c:g}" for c in cs])
+        ax.set(title=f"{model}: {_label(opt)} sweep val loss", xlabel="lr", ylabel="radius scaler c")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return [_save(plt, fig, outdir / f"{model}_sweep.png")]

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from . import tables as T
-from .runs import LABELS, MODELS, pick
+from .runs import LABELS, MODELS
 
 PAPER_ORDER = ("sso", "muon_sphere", "muon", "adam")
 """The paper's final validation-loss ordering, best first (SPEC §7, dense 1.7B and MoE 8B)."""
@@ -26,16 +26,32 @@ def _lbl(opt: str) -> str:
     return LABELS.get(opt, opt)
 
 
+def _seeds(run) -> str:
+    """``mean (v1, v2)`` of the final validation loss over the seeds (one value for one seed)."""
+    vals = run.finals
+    return f"{run.mean_final:.4f}" + (f" ({', '.join(f'{v:.4f}' for v in vals)})" if len(vals) > 1 else "")
+
+
+def _versus(a, b) -> str:
+    """How the difference of two entries' mean final losses compares with their seed spread."""
+    if len(a.finals) < 2 and len(b.finals) < 2:
+        return "one seed: no spread to compare with"
+    diff, spread = abs(a.mean_final - b.mean_final), max(a.spread, b.spread)
+    where = "inside" if diff <= spread else "outside"
+    return f"difference {diff:.4f}, {where} the seed spread (max - min over seeds, up to {spread:.4f})"
+
+
 def _table(model: str, runs: dict) -> list[str]:
-    target = T.final_val(runs["adam"].recs) if "adam" in runs else None
+    target = runs["adam"].mean_final if "adam" in runs else None
     moe = any(T.maxvio(r) is not None for run in runs.values() for r in run.recs)
-    head = ["optimizer", "lr", "final val loss", "first eval step <= AdamW final val", "tokens/s (median)",
-            "ms/step (median)", "CPU ms/step (median)", "max sigma/R at end"]
+    head = ["optimizer", "lr", "c", "final val loss (mean (seeds))", "first eval step <= AdamW final val",
+            "tokens/s (median)", "ms/step (median)", "CPU ms/step (median)", "max sigma/R at end"]
     head += ["MaxVio (late median)"] if moe else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for opt, run in runs.items():
         reach = "-" if target is None else (str(T.first_step_at_or_below(run.recs, target) or "not reached"))
-        cells = [_lbl(opt), f"{run.lr:g}", f"{T.final_val(run.recs):.4f}", reach, f"{T.tokens_per_s(run.recs):,.0f}",
+        cells = [_lbl(opt), f"{run.lr:g}", "-" if run.c is None else f"{run.c:g}", _seeds(run), reach,
+                 f"{T.tokens_per_s(run.recs):,.0f}",
                  f"{1e3 * T.median_step_s(run.recs):.0f}", f"{1e3 * T.median_step_s(run.recs, 'step_cpu_s'):.0f}",
                  f"{T.final_sigma_max(run.recs):.3f}"]
         if moe:
@@ -45,13 +61,19 @@ def _table(model: str, runs: dict) -> list[str]:
 
 
 def _targets(args, model: str, runs: dict, sweep: dict, grids: dict) -> list[str]:
-    """The issue's targets, met or not, with the measured numbers; then SSO vs Muon."""
-    fin = {o: T.final_val(r.recs) for o, r in runs.items()}
+    """The issue's targets, met or not, with the measured numbers (seed means); then SSO vs Muon."""
+    fin = {o: r.mean_final for o, r in runs.items()}
     out = []
     if {"sso", "muon", "adam"} <= fin.keys():
         ok = fin["sso"] <= fin["muon"] and fin["sso"] < fin["adam"]
         out.append(f"- SSO's final validation loss <= Muon's and < AdamW's: **{'met' if ok else 'NOT met'}** "
-                   f"(SSO {fin['sso']:.4f}, Muon {fin['muon']:.4f}, AdamW {fin['adam']:.4f}).")
+                   f"(SSO {_seeds(runs['sso'])}, Muon {_seeds(runs['muon'])}, AdamW {_seeds(runs['adam'])}; "
+                   f"SSO vs Muon: {_versus(runs['sso'], runs['muon'])}).")
+    for other in ("muon_hyperball", "muon_sphere"):
+        if {"sso", other} <= fin.keys():
+            better = "SSO" if fin["sso"] < fin[other] else _lbl(other)
+            out.append(f"- SSO vs {_lbl(other)}: {better} lower ({fin['sso']:.4f} vs {fin[other]:.4f}; "
+                       f"{_versus(runs['sso'], runs[other])}).")
     if "sso" in runs:
         dev = T.sphere_deviation(runs["sso"].recs)
         out.append(f"- Every SSO module's sigma within {SPHERE_TOL:g} of its radius at every logged step: "
@@ -73,12 +95,16 @@ def _targets(args, model: str, runs: dict, sweep: dict, grids: dict) -> list[str
         out.append(f"- SSO is behind Muon by {fin['sso'] - fin['muon']:.4f} nats. What the records show (not a proven "
                    "cause):")
         for opt in ("sso", "muon"):
-            lrs = sorted(pick(grids, model, opt, ()))
-            if opt in sweep and lrs and runs[opt].lr == lrs[-1]:
-                out.append(f"  - {_lbl(opt)}'s best lr {runs[opt].lr:g} is the largest of its sweep: it may be "
-                           "under-tuned.")
+            tried = sorted(lr for lr, _ in sweep.get(opt, {}).get(runs[opt].c, ()))
+            if tried and runs[opt].lr in (tried[0], tried[-1]) and len(tried) > 1:
+                out.append(f"  - {_lbl(opt)}'s best lr {runs[opt].lr:g} is at an edge of its sweep "
+                           f"({tried[0]:g}-{tried[-1]:g} after extension): it may be under-tuned.")
             elif opt not in sweep:
                 out.append(f"  - {_lbl(opt)}'s lr {runs[opt].lr:g} was fixed, not swept in this run.")
+        if "sso" in sweep and len(sweep["sso"]) > 1:
+            best = {c: min(v for _, v in res) for c, res in sweep["sso"].items()}
+            out.append("  - SSO's best sweep loss per radius scaler: " + ", ".join(
+                f"c = {c:g}: {v:.4f}" for c, v in best.items()) + f"; the final run uses c = {runs['sso'].c:g}.")
         muon, sso = T.final_sigma_max(runs["muon"].recs), T.final_sigma_max(runs["sso"].recs)
         if muon > 1.05 * sso:
             out.append(f"  - Muon's weights end at {muon:.2f}x their radius (max over module kinds), SSO's are held "
@@ -90,7 +116,7 @@ def _targets(args, model: str, runs: dict, sweep: dict, grids: dict) -> list[str
         tok = T.tokens_per_s(runs["sso"].recs) / T.tokens_per_s(runs["muon"].recs)
         out.append(f"  - Same steps, not same time: SSO runs at {tok:.2f}x Muon's tokens/s here.")
     if "sso" in runs and "adam" in runs:
-        hit = T.first_step_at_or_below(runs["sso"].recs, fin["adam"])
+        hit = T.first_step_at_or_below(runs["sso"].recs, fin["adam"])  # first seed against AdamW's mean
         if hit is not None:
             out.append(f"- SSO reaches AdamW's final validation loss at step {hit} of {args.steps} "
                        f"({100 * (1 - hit / args.steps):.0f}% fewer steps; paper at 1.7B: 19%; the step is the "
@@ -102,12 +128,15 @@ def write(path: Path, args, results: dict, sweeps: dict, skipped: dict, plots: d
           command: str) -> None:
     """The report at ``path``; plots are linked relative to it. Anything after :data:`KEEP` in an
     existing file at ``path`` is kept (the human reading of the numbers)."""
-    chosen = (f"best final validation loss of a {args.sweep_steps}-step sweep unless fixed by --lrs" if args.sweep
-              else "fixed: --lrs or the middle of its grid")
+    chosen = (f"best final validation loss of a {args.sweep_steps}-step sweep unless fixed by --lrs; the sphere "
+              f"entries over lr x radius scaler c in {{{', '.join(f'{c:g}' for c in args.radius_scalers)}}} unless "
+              "fixed by --cs" if args.sweep else "fixed: --lrs or the middle of its grid")
+    seeds = ", ".join(map(str, args.seeds))
     lines = [f"# Optimizer comparison: {', '.join(results)} tiny model(s), through Megatron-Bridge", "",
              f"Machine: {T.machine()}.", "", f"Command: `{command}`", "",
-             f"Protocol: {args.steps} steps per run, same data (`{args.data_desc}`, byte-level), same seed "
-             f"{args.seed}, validation every {args.eval_interval} steps over {args.eval_iters} batches (Bridge's "
+             f"Protocol: {args.steps} steps per run, same data (`{args.data_desc}`, byte-level); every final run "
+             f"at seed(s) {seeds} (model init and data order; the sweep at {args.seeds[0]}), final losses are the "
+             f"mean over seeds with each seed's value in brackets; validation every {args.eval_interval} steps over {args.eval_iters} batches (Bridge's "
              f"eval on the recipe's validation split), monitoring every {args.monitor_interval} steps. Each "
              f"optimizer at its own lr ({chosen}). "
              "Nothing was tuned toward the paper's ordering. Times are medians after 5 steps: wall-clock, and "
@@ -115,14 +144,19 @@ def write(path: Path, args, results: dict, sweeps: dict, skipped: dict, plots: d
              "ratios, not absolute tokens/s.", ""]
     for model, runs in results.items():
         lines += [f"## {model} (`{getattr(args, 'configs', MODELS).get(model, model)}`)", "", *_table(model, runs), ""]
-        fin = {o: T.final_val(r.recs) for o, r in runs.items()}
+        fin = {o: r.mean_final for o, r in runs.items()}
         order = sorted(fin, key=fin.get)
         paper = [o for o in PAPER_ORDER if o in fin]
         if len(paper) > 1:
             same = [o for o in order if o in paper] == paper
+            chain = _lbl(order[0])
+            for a, b in zip(order, order[1:]):
+                close = len(args.seeds) > 1 and fin[b] - fin[a] <= max(runs[a].spread, runs[b].spread)
+                chain += (" ≈ " if close else " < ") + _lbl(b)
             lines += [f"The paper's ordering {' < '.join(_lbl(o) for o in paper)} "
-                      f"{'reproduces' if same else 'does NOT reproduce'} at this scale (measured: "
-                      f"{' < '.join(_lbl(o) for o in order)}).", ""]
+                      f"{'reproduces' if same else 'does NOT reproduce'} at this scale (measured, seed means: "
+                      f"{chain}" + ("; ≈: the difference is inside the seed spread" if " ≈ " in chain else "")
+                      + ").", ""]
         lines += _targets(args, model, runs, sweeps.get(model, {}), grids) + [""]
         layers = sorted({k for run in runs.values() for r in run.recs for k in r if k.startswith("maxvio/")})
         if layers:
@@ -133,15 +167,21 @@ def write(path: Path, args, results: dict, sweeps: dict, skipped: dict, plots: d
         for opt, why in skipped.get(model, {}).items():
             lines += [f"Skipped {_lbl(opt)}: {why}", ""]
     if any(sweeps.values()):
-        lines += ["## Learning-rate sweep", "",
-                  f"Final validation loss after {args.sweep_steps} steps; the best was kept.", ""]
+        lines += ["## Learning-rate x radius-scaler sweep", "",
+                  f"Final validation loss after {args.sweep_steps} steps at seed {args.seeds[0]}; the best (lr, c) "
+                  "was kept. Each c's grid is extended past an edge holding its best lr (up to "
+                  f"{args.sweep_extend} times); MuonSphere's and SSO's grids are multiplied by c (same relative "
+                  "step), Muon-Hyperball's lr is relative already.", ""]
         for model, sweep in sweeps.items():
-            width = max((len(v) for v in sweep.values()), default=0)
+            rows = [(o, c, res) for o, per_c in sweep.items() for c, res in per_c.items()]
+            width = max((len(res) for _, _, res in rows), default=0)
             if not width:
                 continue
-            lines += [f"| {model} | " + " | ".join("lr / val" for _ in range(width)) + " |", "|---|" + "---|" * width]
-            lines += [f"| {_lbl(o)} | " + " | ".join(f"{lr:g} / {v:.4f}" for lr, v in res) + " |"
-                      for o, res in sweep.items()]
+            lines += [f"| {model} | c | " + " | ".join("lr / val" for _ in range(width)) + " |",
+                      "|---|---|" + "---|" * width]
+            lines += [f"| {_lbl(o)} | {'-' if c is None else f'{c:g}'} | "
+                      + " | ".join(f"{lr:g} / {v:.4f}" for lr, v in res) + " |" * (width - len(res) + 1)
+                      for o, c, res in rows]
             lines.append("")
     links = [p for ps in plots.values() for p in ps]
     if links:

@@ -15,8 +15,8 @@ import platform
 import statistics
 from pathlib import Path
 
-FIRST = ["model", "optimizer", "lr", "step", "tokens", "train_loss", "val_loss", "lr_now", "step_s", "step_cpu_s",
-         "maxvio"]
+FIRST = ["model", "optimizer", "lr", "radius_scaler", "seed", "step", "tokens", "train_loss", "val_loss", "lr_now",
+         "step_s", "step_cpu_s", "maxvio"]
 """Leading CSV columns; the per-module / per-layer columns follow, sorted."""
 
 
@@ -27,24 +27,28 @@ def maxvio(rec: dict) -> float | None:
 
 
 def write_csv(path: Path, results: dict) -> None:
-    """One row per (model, optimizer, step): train loss, validation loss (where evaluated),
-    ``maxvio`` (mean over MoE layers, where monitored) and every monitored value."""
+    """One row per (model, optimizer, seed, step): train loss, validation loss (where evaluated),
+    ``maxvio`` (mean over MoE layers, where monitored) and every monitored value; ``radius_scaler``
+    is empty for entries without a radius."""
     rows, keys = [], []
-    for model, runs in results.items():
-        for opt, run in runs.items():
-            by_step: dict[int, dict] = {}
-            for r in run.recs:
-                row = by_step.setdefault(r["step"], {"model": model, "optimizer": opt, "lr": run.lr, "step": r["step"]})
-                if r["kind"] == "val":
-                    row["val_loss"] = r["loss"]
-                    continue
-                row.update({{"loss": "train_loss", "lr": "lr_now"}.get(k, k): v for k, v in r.items()
-                            if k not in ("kind", "step")})
-                if maxvio(r) is not None:
-                    row["maxvio"] = maxvio(r)
-            for step in sorted(by_step):
-                rows.append(by_step[step])
-                keys += [k for k in by_step[step] if k not in keys]
+    every_seed = [(model, opt, run) for model, runs in results.items() for opt, first in runs.items()
+                  for run in first.seed_runs]
+    for model, opt, run in every_seed:
+        by_step: dict[int, dict] = {}
+        for r in run.recs:
+            row = by_step.setdefault(r["step"], {"model": model, "optimizer": opt, "lr": run.lr,
+                                                 "radius_scaler": "" if run.c is None else run.c,
+                                                 "seed": run.seed, "step": r["step"]})
+            if r["kind"] == "val":
+                row["val_loss"] = r["loss"]
+                continue
+            row.update({{"loss": "train_loss", "lr": "lr_now"}.get(k, k): v for k, v in r.items()
+                        if k not in ("kind", "step")})
+            if maxvio(r) is not None:
+                row["maxvio"] = maxvio(r)
+        for step in sorted(by_step):
+            rows.append(by_step[step])
+            keys += [k for k in by_step[step] if k not in keys]
     keys = [k for k in FIRST if k in keys] + sorted(k for k in keys if k not in FIRST)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
