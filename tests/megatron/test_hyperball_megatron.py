@@ -141,3 +141,19 @@ def test_bridge_tp2_matches_tp1(dense):
     print(f"TP=1 {single}\nTP=2 {values}\nmax |diff| = {diff:.3g}")
     assert diff < 1e-4
     assert tp2.ranks[0].probes[4]["stats"]["sso/tp_gather_bytes"] > 0
+
+
+@CUDA_FREE
+@NEEDS_MEGATRON
+@pytest.mark.megatron
+@pytest.mark.distributed
+def test_bridge_dp2_sharded_matches_one_rank(dense):
+    # DP = 2 with sso_dp_shard: each module updated by one owner, weight, momentum and the radius row
+    # copied to the other rank; same global batch, so the curve is the single rank's
+    run, _ = dense
+    dp2 = _run(world_size=2, overrides=("optimizer.sso_radius_scaler=2.0",))
+    values = _check(dp2)
+    single = [run.losses[i] for i in (1, 2, 3, 4)]
+    assert max(abs(a - b) for a, b in zip(values, single)) < 1e-4, (values, single)
+    assert all(r.probes[4]["stats"]["sso/dp_owned_matrices"] < r.probes[4]["stats"]["sso/num_matrices"]
+               for r in dp2.ranks)  # the work was split

@@ -14,6 +14,7 @@ call :func:`log_sphere_stats` with ``get_tensorboard_writer()`` after ``train_st
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import torch
@@ -85,9 +86,10 @@ def exact_norm_errors(optimizer: Any) -> dict[str, float]:
                     if cfg.on_hyperball:
                         cache = opt.state[p].get("sphere_cache")
                         radius = float(mod.view(cache)[0, 0]) if cache is not None else 0.0
-                        if radius <= 0:
-                            continue
-                        err = abs(torch.linalg.matrix_norm(full.double()).item() / radius - 1)
+                        if radius <= 0 and not float(opt.state[p].get("step", 0)) > 0:
+                            continue  # not stepped yet: no radius
+                        # a stepped module without its radius (lost in a copy or a load) is an error
+                        err = abs(torch.linalg.matrix_norm(full.double()).item() / radius - 1) if radius > 0 else math.inf
                     else:
                         sigma = torch.linalg.matrix_norm(full.double(), ord=2).item()
                         err = abs(sigma / target_radius(*mod.full_shape, cfg.radius_mode, cfg.radius_scaler) - 1)
