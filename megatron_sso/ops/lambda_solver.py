@@ -130,6 +130,10 @@ class LambdaSolution:
     calls: int
     fallback: Optional[Tensor] = None
     """Per matrix: whether the secant solver fell back to the tangent projection."""
+    h_raw: Optional[Tensor] = None
+    """Per matrix: the smallest ``|h|`` of an msign the solver really evaluated (before any
+    interpolation or projection, which make ``h`` zero by construction): how far from
+    tangent the best *computed* direction was. ``None``: same as ``|h|``."""
 
 
 def lambda_bound(m: int, n: int) -> float:
@@ -239,6 +243,8 @@ def solve_lambda_secant(
     evals: int = 2,
     bound: Optional[float] = None,
     interpolate: bool = True,
+    tol: Optional[float] = None,
+    tol_evals: int = 0,
 ) -> LambdaSolution:
     """Warm-started, safeguarded secant with a fixed evaluation budget, batched, sync-free.
 
@@ -257,6 +263,13 @@ def solve_lambda_secant(
             shape (a tensor-parallel caller passes the full matrix's bound).
         interpolate: finish with the *tangent interpolation* (below); otherwise return the
             evaluated point of smallest ``|h|``.
+        tol, tol_evals: after the ``evals`` evaluations, up to ``tol_evals`` more, each one
+            for a matrix only while its best evaluated ``|h|`` (``h_raw``) is above ``tol``.
+            The count is fixed, so no host sync: every further msign is computed for the whole
+            batch, applied with ``torch.where`` only where needed, and counted in ``calls``.
+            Why: interpolating between two points of a steep ``h`` (a momentum aligned with
+            ``u v^T`` makes ``h`` a near step) gives ``h = 0`` by construction yet a direction
+            far from the exact one; ``h_raw`` shows it and the further evaluations fix it.
 
     Tangent interpolation: ``h`` is linear in the msign output, so for two evaluated points
     ``(l_a, Phi_a)``, ``(l_b, Phi_b)`` the combination ``Phi = (1-t) Phi_a + t Phi_b`` with
@@ -265,10 +278,16 @@ def solve_lambda_secant(
     ``l_b - l_a``. The pair is the tightest bracket found (or the last two points when
     the root was not bracketed; when ``t`` falls outside :data:`EXTRAPOLATION_RANGE` the
     direction is instead projected onto the tangent space and ``fallback`` is set). No msign is recomputed: the answer reuses both.
-    The returned ``h`` is measured on the returned direction.
+    The returned ``h`` is measured on the returned direction (zero by construction when
+    interpolated); ``h_raw`` is the smallest ``|h|`` of a real msign the solver evaluated, the
+    accuracy figure that can be large.
     """
     if int(evals) != evals or evals < 1:
         raise ValueError(f"secant solver needs at least one evaluation, got evals={evals!r}")
+    if int(tol_evals) != tol_evals or tol_evals < 0:
+        raise ValueError(f"tol_evals must be a non-negative integer, got {tol_evals!r}")
+    if tol_evals and not (tol is not None and tol > 0):
+        raise ValueError(f"tol_evals={tol_evals} needs a positive tol, got tol={tol!r}")
     if bound is None:
         bound = lambda_bound(residual.M.size(-2), residual.M.size(-1))
     lam = lam0.float().clamp(-bound, bound)
@@ -286,8 +305,11 @@ def solve_lambda_secant(
     has_lo = torch.zeros_like(lam, dtype=torch.bool)
     has_hi = torch.zeros_like(lam, dtype=torch.bool)
     prev = None
-    for k in range(int(evals)):
+    for k in range(int(evals) + int(tol_evals)):
+        # a further evaluation (k >= evals) changes only the matrices still above tol
+        need = None if k < evals else best[1].abs() > tol
         if k > 0:
+            state = (lam, h, phi, slope, prev, best, lo, h_lo, phi_lo, hi, h_hi, phi_hi, has_lo, has_hi)
             nxt = lam - (NEWTON_OVERSHOOT if k == 1 else 1.0) * h / slope
             falsi = lo - h_lo * (hi - lo) / (h_hi - h_lo).clamp_min(1e-12)
             nxt = torch.where((nxt > lo) & (nxt < hi), nxt, falsi)
@@ -310,9 +332,15 @@ def solve_lambda_secant(
         new_hi = h >= 0
         hi, h_hi, phi_hi = torch.where(new_hi, lam, hi), torch.where(new_hi, h, h_hi), where3(new_hi, phi, phi_hi)
         has_lo, has_hi = has_lo | new_lo, has_hi | new_hi
+        if need is not None:
+            (lam, h, phi, slope, prev, best, lo, h_lo, phi_lo, hi, h_hi, phi_hi, has_lo, has_hi) = _keep_where(
+                need, where3, (lam, h, phi, slope, prev, best, lo, h_lo, phi_lo, hi, h_hi, phi_hi, has_lo, has_hi),
+                state, _STATE_IS_DIRECTION)
+    calls = int(evals) + int(tol_evals)
+    h_raw = best[1].abs()
 
     if not interpolate or prev is None:
-        return LambdaSolution(best[0], best[1], residual.materialise(best[2]), slope, int(evals))
+        return LambdaSolution(best[0], best[1], residual.materialise(best[2]), slope, calls, h_raw=h_raw)
     bracketed = has_lo & has_hi
     la = torch.where(bracketed, lo, prev[0])
     ha = torch.where(bracketed, h_lo, prev[1])
@@ -334,7 +362,26 @@ def solve_lambda_secant(
     # stats count, instead of a third msign.
     phi_c = where3(fallback, residual.project(phi_c, h_c), phi_c)
     h_c = torch.where(fallback, residual.inner(phi_c), h_c)
-    return LambdaSolution(lam_c, h_c, residual.materialise(phi_c), slope, int(evals), fallback)
+    return LambdaSolution(lam_c, h_c, residual.materialise(phi_c), slope, calls, fallback, h_raw)
+
+
+_STATE_IS_DIRECTION = (False, False, True, False, (False, False, True), (False, False, True),
+                       False, False, True, False, False, True, False, False)
+"""Which entries of the secant solver's state (as :func:`solve_lambda_secant` lists it for
+:func:`_keep_where`) are directions (in the residual's own representation) rather than
+per-matrix tensors."""
+
+
+def _keep_where(need: Tensor, where3, new: tuple, old: tuple, is_direction: tuple) -> tuple:
+    """Per matrix, ``new`` where ``need`` else ``old``, entry by entry (nested tuples of solver
+    state); a direction goes through ``where3``, which the residual's representation defines."""
+    out = []
+    for a, b, d in zip(new, old, is_direction):
+        if isinstance(d, tuple):
+            out.append(_keep_where(need, where3, a, b, d))
+        else:
+            out.append(where3(need, a, b) if d else torch.where(need, a, b))
+    return tuple(out)
 
 
 def _project_single(residual: TangentResidual, lam: Tensor, h: Tensor, phi: Tensor, slope: Tensor,
@@ -350,4 +397,4 @@ def _project_single(residual: TangentResidual, lam: Tensor, h: Tensor, phi: Tens
     """
     phi_t = residual.project(phi, h)
     lam_next = (lam - ONE_EVAL_GAIN * h / slope).clamp(-bound, bound)
-    return LambdaSolution(lam_next, residual.inner(phi_t), residual.materialise(phi_t), slope, 1)
+    return LambdaSolution(lam_next, residual.inner(phi_t), residual.materialise(phi_t), slope, 1, h_raw=h.abs())

@@ -115,6 +115,8 @@ class BatchStats:
     skipped: Tensor
     fallbacks: Optional[Tensor] = field(default=None)
     sigma: Optional[Tensor] = field(default=None)
+    above_tol: Optional[Tensor] = field(default=None)
+    """Matrices whose best evaluated ``|h|`` (``max_abs_h``'s figure) stayed above ``lambda_tol``."""
 
 
 @dataclass(frozen=True)
@@ -172,13 +174,15 @@ def _solve(cfg: SphereConfig, make_residual, M: Tensor, u: Tensor, v: Tensor, bu
     if warm:
         lam0 = bufs.lam
         slope0 = bufs.slope
-        evals = cfg.lambda_evals
+        evals, extra = cfg.lambda_evals, cfg.lambda_tol_evals
     else:
         lam0 = torch.zeros_like(bufs.lam)
         slope0 = None
-        evals = cfg.lambda_cold_evals
-    sol = solve_lambda_secant(make_residual(M, u, v), lam0, slope0, evals, bound=lambda_bound(m, n))
-    sol.calls = evals * M.size(0)
+        evals, extra = cfg.lambda_cold_evals, cfg.lambda_cold_tol_evals
+    extra = extra if evals > 1 else 0  # one evaluation projects; it has no bracket to refine
+    sol = solve_lambda_secant(make_residual(M, u, v), lam0, slope0, evals, bound=lambda_bound(m, n),
+                              tol=cfg.lambda_tol, tol_evals=extra)
+    sol.calls = (evals + extra) * M.size(0)
     return sol
 
 
@@ -238,6 +242,7 @@ def sphere_update_(
     max_abs_h = zero
     max_abs_lambda = zero
     fallbacks = torch.zeros((), device=W.device)
+    above_tol = torch.zeros((), device=W.device)
     # The start block lives on the columns (v): only a column split offsets it; a row-split
     # shard holds all columns, so its start block is the full one (offset 0).
     power = partial(block_power_iteration, block=cfg.power_block, compute_dtype=cfg.power_torch_dtype,
@@ -266,7 +271,11 @@ def sphere_update_(
             phi = sol.phi
             bufs.lam.copy_(torch.where(finite, sol.lam, bufs.lam))
             bufs.slope.copy_(torch.where(finite, sol.slope, bufs.slope))
-            max_abs_h = torch.where(finite, sol.h.abs(), zero)
+            # the solver's accuracy: |h| of the best msign it really evaluated (the applied,
+            # interpolated or projected direction has h = 0 by construction)
+            h_raw = sol.h_raw if sol.h_raw is not None else sol.h.abs()
+            max_abs_h = torch.where(finite, h_raw, zero)
+            above_tol = (max_abs_h > cfg.lambda_tol).sum()
             max_abs_lambda = torch.where(finite, sol.lam.abs(), zero)
             if sol.fallback is not None:
                 fallbacks = (sol.fallback & finite).sum()
@@ -298,4 +307,5 @@ def sphere_update_(
         skipped=(~finite).sum(),
         fallbacks=fallbacks,
         sigma=sigma,
+        above_tol=above_tol,
     )

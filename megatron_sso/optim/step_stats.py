@@ -27,6 +27,7 @@ class StepStats:
     max_abs_lambda: Optional[Tensor]
     skipped: Optional[Tensor]
     fallbacks: Optional[Tensor] = None
+    above_tol: Optional[Tensor] = None
     _cache: Optional[dict[str, float]] = None
 
     @classmethod
@@ -40,14 +41,17 @@ class StepStats:
             max_abs_lambda=torch.stack([b.max_abs_lambda.to(batches[0].max_abs_h.device) for b in batches]).max(),
             skipped=torch.stack([b.skipped.to(batches[0].max_abs_h.device) for b in batches]).sum(),
             fallbacks=torch.stack([b.fallbacks.to(batches[0].max_abs_h.device).float() for b in batches]).sum(),
+            above_tol=torch.stack([b.above_tol.to(batches[0].max_abs_h.device).float() for b in batches
+                                   if b.above_tol is not None] or [torch.zeros((), device=batches[0].max_abs_h.device)]).sum(),
         )
 
     def as_dict(self) -> dict[str, float]:
         if self._cache is None:
-            values = [0.0, 0.0, 0.0, 0.0]
+            values = [0.0, 0.0, 0.0, 0.0, 0.0]
             if self.max_abs_h is not None:
                 values = torch.stack([self.max_abs_h.float(), self.max_abs_lambda.float(),
-                                      self.skipped.float(), self.fallbacks.float()]).tolist()
+                                      self.skipped.float(), self.fallbacks.float(),
+                                      self.above_tol.float()]).tolist()
             self._cache = {
                 "num_matrices": self.num_matrices,
                 "msign_calls": self.msign_calls,
@@ -56,5 +60,6 @@ class StepStats:
                 "max_abs_lambda": values[1],
                 "skipped_nonfinite": int(values[2]),
                 "lambda_fallbacks": int(values[3]),
+                "lambda_above_tol": int(values[4]),
             }
         return dict(self._cache)
