@@ -40,6 +40,7 @@ from ..ops.lambda_solver import (
     solve_lambda_secant,
 )
 from ..ops.gram_residual import GramTangentResidual, gram_side_is_small
+from ..ops.krylov_lambda import solve_lambda_krylov
 from ..ops.newton_schulz import NORM_EPS, AllReduce, msign, resolve_coefficients
 from ..ops.power_iteration import block_power_iteration
 from ..ops.retraction import retraction_factor
@@ -186,6 +187,19 @@ def _solve(cfg: SphereConfig, make_residual, M: Tensor, u: Tensor, v: Tensor, bu
     return sol
 
 
+def _solve_krylov(cfg: SphereConfig, msign_fn, M: Tensor, u: Tensor, v: Tensor, bufs: SphereBuffers,
+                  full_shape: tuple[int, int], hooks: Optional[ShardHooks]) -> LambdaSolution:
+    """lambda on the shared Krylov space, then one msign (:mod:`megatron_sso.ops.krylov_lambda`);
+    Newton starts at last step's root once warm."""
+    lam0 = bufs.lam if bufs.lambda_warm else torch.zeros_like(bufs.lam)
+    sol = solve_lambda_krylov(M, u, v, msign_fn, lam0, blocks=cfg.krylov_blocks, bound=lambda_bound(*full_shape),
+                              full_shape=full_shape, allreduce=hooks.allreduce if hooks is not None else None,
+                              partition_dim=hooks.partition_dim if hooks is not None else None,
+                              table=resolve_coefficients(cfg.msign_coefficients, cfg.msign_steps))
+    sol.calls = M.size(0)
+    return sol
+
+
 @torch.no_grad()
 def sphere_update_(
     W: Tensor,
@@ -266,8 +280,11 @@ def sphere_update_(
             calls = 0
         elif cfg.mode == "sso":
             make_residual = partial(_residual, cfg, msign_fn=msign_fn, hooks=hooks)
-            sol = _solve(cfg, make_residual, M, u.float(), v.float(), bufs, full_shape, bufs.lambda_warm)
-            bufs.lambda_warm = cfg.lambda_solver == "secant"
+            if cfg.lambda_solver == "krylov":
+                sol = _solve_krylov(cfg, msign_fn, M, u.float(), v.float(), bufs, full_shape, hooks)
+            else:
+                sol = _solve(cfg, make_residual, M, u.float(), v.float(), bufs, full_shape, bufs.lambda_warm)
+            bufs.lambda_warm = cfg.lambda_solver in ("secant", "krylov")
             phi = sol.phi
             bufs.lam.copy_(torch.where(finite, sol.lam, bufs.lam))
             bufs.slope.copy_(torch.where(finite, sol.slope, bufs.slope))
