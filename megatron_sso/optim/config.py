@@ -180,11 +180,11 @@ class SphereConfig(ConfigFields):
             raise ValueError(f"lambda_tol must be positive, got {self.lambda_tol!r}")
         if self.radius_mode not in ("spectral_mup", "identity"):
             raise ValueError(f"unknown radius_mode {self.radius_mode!r}; choose 'spectral_mup' or 'identity'")
-        if not (self.radius_scaler > 0 and math.isfinite(self.radius_scaler)):
         for name in ("lambda_tol_evals", "lambda_cold_tol_evals"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not (self.radius_scaler > 0 and math.isfinite(self.radius_scaler)):
             raise ValueError(f"radius_scaler must be positive, got {self.radius_scaler!r}")
         if self.scale_mode not in ("spectral_mup", "shape_scaling", "align_adamw_rms", "identity"):
             raise ValueError(f"unknown scale_mode {self.scale_mode!r}")
