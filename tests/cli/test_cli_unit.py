@@ -15,11 +15,17 @@ QWEN = dict(normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=False, 
 
 
 def test_tiny_dense_count_matches_megatron():
-    # configs/tiny_dense_cpu.yaml; Megatron itself reported "number of parameters ... 459776"
+    # configs/tiny_dense_cpu.yaml with its vocabulary pinned to 257 (before issue 15); Megatron itself
+    # reported "number of parameters ... 459776"
     cfg = SimpleNamespace(**QWEN, num_layers=2, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4,
                           num_query_groups=2, kv_channels=32, vocab_size=257, seq_length=128)
     size = count_parameters(cfg)
     assert size.total == size.active == 459776
+    # the vocabulary left to the tokenizer is padded as Bridge pads it: Megatron reported 1442560 for
+    # configs/tiny_dense_bpe_cpu.yaml (4096 BPE tokens) and builds 384 rows for the 257 bytes
+    bpe = count_parameters(SimpleNamespace(**{**vars(cfg), "vocab_size": None}), 4096)
+    assert bpe.total == 1442560 and bpe.padded_vocab_size == 4096
+    assert count_parameters(SimpleNamespace(**{**vars(cfg), "vocab_size": None}), 257).padded_vocab_size == 384
 
 
 def test_moe_counts_active_experts_only():
