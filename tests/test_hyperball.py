@@ -37,8 +37,9 @@ def test_batched_step_matches_float64_reference(shape, c):
             worst = max(worst, float((W[i].double() - w).norm() / w.norm()))
             assert float(bufs.radius[i]) == pytest.approx(R, rel=1e-6)
             assert torch.allclose(bufs.momentum[i].double(), mom, rtol=1e-5, atol=1e-6)
-    # fp32 Newton-Schulz (sso8 lands singular values within 1e-6 of 1) vs the exact polar factor
-    assert worst < 2e-5, worst
+    # fp32 Newton-Schulz (sso8 lands singular values within 1e-6 of 1) vs the exact polar factor:
+    # measured 1.3e-7 to 1.4e-7 over the three shapes
+    assert worst < 1e-6, worst
     assert float(bufs.radius[0]) == pytest.approx(c * float(W0[0].norm()), rel=1e-6)  # R = c ||W_0||_F
 
 
