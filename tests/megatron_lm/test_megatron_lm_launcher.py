@@ -86,12 +86,13 @@ def test_checkout_without_megatron_training_is_one_line(tmp_path):
 def test_builtin_script_availability_follows_the_installed_wheel():
     """3.11 stack (megatron-core 0.16.1): no megatron.training in the wheel, the reason says so;
     3.12 stack (0.19.2): available."""
-    from megatron_sso.mcore.megatron_lm.builtin_gpt import builtin_unavailable, installed_release
+    from megatron_sso.mcore.compat import release
+    from megatron_sso.mcore.megatron_lm.builtin_gpt import builtin_unavailable
 
     problem = builtin_unavailable()
-    if installed_release() == (0, 19):
+    if release("megatron-core") == (0, 19):
         assert problem == ""
-    elif installed_release() is not None and not _training_importable():
+    elif release("megatron-core") is not None and not _training_importable():
         assert problem.endswith("does not ship megatron.training (0.17 and later do)"), problem
 
 

@@ -11,47 +11,23 @@ included, :mod:`.hooks`), builds Megatron-LM's config container from them and ca
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import warnings
-from importlib.metadata import PackageNotFoundError, version
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .hooks import SITE, LaunchError
-
-BUILTIN_RELEASES = ((0, 19),)
-"""megatron-core ``(major, minor)`` releases whose ``pretrain()`` this module calls:
-``pretrain(cfg_container, datasets_provider, model_type, forward_step, model_provider=...)``
-(core_v0.19.0 ``megatron/training/training.py``; measured on the 0.19.2 wheel). 0.17 takes the
-providers positionally with no container, 0.18 a container and the model provider second: both
-untested here, so refused with the way out (a checkout of the matching tag)."""
 
 MODEL_CONFIG_ADVICE = ".*recommended to use a ModelConfig.*"
 """The warning ``pretrain_cfg_container_from_args`` (0.19) gives whenever no model config is
 passed: ours is a model provider, the form ``pretrain()`` still takes, so it does not apply."""
 
 
-def installed_release() -> Optional[tuple[int, int]]:
-    """``(major, minor)`` of the installed megatron-core, None when it is not installed."""
-    try:
-        major, minor = version("megatron-core").split("+")[0].split(".")[:2]
-    except PackageNotFoundError:
-        return None
-    return int(major), int(minor)
-
-
 def builtin_unavailable() -> str:
-    """Why the built-in script cannot run here ("" when it can): megatron-core missing, a
-    release without ``megatron.training`` (< 0.17) or with another ``pretrain()`` signature."""
-    found = installed_release()
-    if found is None:
-        return "megatron-core is not installed"
-    if importlib.util.find_spec("megatron.training") is None:
-        return f"megatron-core {found[0]}.{found[1]} does not ship megatron.training (0.17 and later do)"
-    if found not in BUILTIN_RELEASES:
-        known = ", ".join(f"{a}.{b}" for a, b in BUILTIN_RELEASES)
-        return f"the built-in GPT script supports megatron-core {known}, not {found[0]}.{found[1]}"
-    return ""
+    """Why the built-in script cannot run here ("" when it can); the release question is the
+    version adapter's (:func:`megatron_sso.mcore.compat.builtin_gpt_unavailable`)."""
+    from ..compat import builtin_gpt_unavailable
+
+    return builtin_gpt_unavailable()
 
 
 def pretrain_gpt() -> None:
