@@ -5,7 +5,7 @@
 # indexed dataset, and train configs/tiny_dense_cpu.yaml with SSO through Megatron-Bridge's
 # real pretrain() for 300 steps, printing loss, lr, tokens/s and the spectral-norm summary.
 # About 1-4 minutes of training on 2 cores; the loss falls from ~5.9 (ln 384: the 257 bytes padded) to ~1.5.
-#   scripts/quickstart.sh [pretrain args...]   e.g. --optimizer muon train.train_iters=100
+#   scripts/quickstart.sh [pretrain args...]   e.g. --optimizer sso_muon train.train_iters=100
 # Env: VENV (default .venv), DATA (dataset prefix, default data/stdlib; data/stdlib_bpe4k with BPE=1),
 # BPE=1: train a byte-level BPE of 4096 tokens on the same text (prepare-data --train-tokenizer 4096)
 # and train configs/tiny_dense_bpe_cpu.yaml on those subword tokens instead of bytes.

@@ -14,7 +14,8 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--optimizer", choices=["sso", "muon_sphere", "muon", "adam"], default="sso")
+    p.add_argument("--optimizer", choices=["sso", "muon_sphere", "sso_muon", "adam"], default="sso",
+                   help="sso_muon: our Muon baseline (the same name as under megatron-sso pretrain)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-2, help="sphere-optimizer peak lr (paper: ~1e-2 is SSO's optimum)")
     p.add_argument("--adam-lr", type=float, default=3e-3)
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         opts = [torch.optim.AdamW(model.parameters(), lr=args.adam_lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=adam_wd)]
         sphere = None
     else:
-        sphere = SpectralSphere(hidden, lr=args.lr, mode=args.optimizer)
+        sphere = SpectralSphere(hidden, lr=args.lr, mode="muon" if args.optimizer == "sso_muon" else args.optimizer)
         opts = [sphere, torch.optim.AdamW(model.other_parameters(), lr=args.adam_lr, betas=(0.9, 0.95),
                                           eps=1e-8, weight_decay=adam_wd)]
     base = [[g["lr"] for g in o.param_groups] for o in opts]

@@ -30,9 +30,10 @@ from typing import Any
 
 import yaml
 
-OPTIMIZERS = ("sso", "muon_sphere", "muon", "muon_hyperball", "adam", "signum", "ademamix")
+OPTIMIZERS = ("sso", "muon_sphere", "sso_muon", "muon_hyperball", "adam", "signum", "ademamix", "muon")
 """Values of ``--optimizer`` / ``optimizer.optimizer`` this launcher accepts (``muon_hyperball``:
-Muon on the Frobenius sphere, ``megatron_sso.optim.hyperball``). ``signum`` and
+Muon on the Frobenius sphere, ``megatron_sso.optim.hyperball``; ``sso_muon``: our Muon baseline;
+``muon``: Megatron's own Muon, left to Megatron, :func:`check_megatron_muon`). ``signum`` and
 ``ademamix`` (and ``adam`` with ``optimizer.spectra_post_clip`` / ``spectra_pre_clip`` set) run
 SPECTRA (``megatron_sso.mcore.optimizers.spectra_factory``)."""
 
@@ -42,6 +43,17 @@ BYTE_VOCAB = 257
 
 class RecipeError(ValueError):
     """A bad recipe, override or command-line value; the message is one line for the user."""
+
+
+def check_megatron_muon(optimizer: str) -> None:
+    """``muon`` is Megatron's own Muon (``megatron.core.optimizer.muon``), which asserts that the
+    ``emerging-optimizers`` package is installed when it builds; refuse it before any rank
+    starts when that package is missing (it is on the Python 3.11 stack: megatron-core 0.16.1)."""
+    import importlib.util
+
+    if optimizer == "muon" and importlib.util.find_spec("emerging_optimizers") is None:
+        raise RecipeError("optimizer 'muon' is Megatron's own Muon, which needs the emerging-optimizers package "
+                          "(not installed); our Muon baseline is 'sso_muon'")
 
 
 def read_recipe(path: str | Path) -> dict:
@@ -365,6 +377,7 @@ def build_config(path: str | Path, optimizer: str | None = None, overrides: tupl
         given.add(key)
     if cfg.optimizer.optimizer not in OPTIMIZERS:
         raise RecipeError(f"unknown optimizer {cfg.optimizer.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    check_megatron_muon(cfg.optimizer.optimizer)
     _check_spectra(cfg.optimizer, path)
     if "optimizer.bf16" not in given:
         cfg.optimizer.bf16 = bool(cfg.model.bf16)

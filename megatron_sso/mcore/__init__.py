@@ -4,7 +4,7 @@ Five rooms, each with a face (its ``__init__``) that names what the rest of the 
 nothing heavy is imported until a name is used:
 
 * :mod:`.optimizers` -- ``install()`` and ``SSOOptimizerConfig``: ``optimizer: sso | muon_sphere |
-  muon`` and SPECTRA's ``adam | signum | ademamix`` through Megatron's optimizer factory (routing,
+  sso_muon | muon_hyperball`` (``muon`` stays Megatron's own) and SPECTRA's ``adam | signum | ademamix`` through Megatron's optimizer factory (routing,
   atomic-module layouts, TP gathers, DP sharding, the checkpointable torch optimizers). Start here.
 * :mod:`.observe` -- what a run reports: per-interval optimizer statistics for Megatron's logger
   and opt-in monitoring (activations, exact spectral norms, router MaxVio).

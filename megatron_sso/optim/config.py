@@ -109,15 +109,6 @@ class SphereConfig(ConfigFields):
     (measured: |h| up to 8e-3 on a 2x64 module); 4 reach the tolerance with a direction
     within cosine 0.999 of the exact one. Over a 200-step run the mean is 2.01 per matrix."""
 
-    radius_mode: str = "spectral_mup"
-    """Sphere radius rule, see :func:`megatron_sso.ops.target_radius` (paper: spectral_mup)."""
-
-    radius_scaler: float = 1.0
-    """The ``c`` in ``R = c sqrt(d_out / d_in)`` (paper: 1). In ``hyperball`` mode the Frobenius
-    radius is ``c ||W_0||_F``, ``W_0`` the module's weight at its first step (Hyperball paper: 1),
-    and ``radius_mode`` is not used."""
-
-    scale_mode: str = "spectral_mup"
     lambda_tol_evals: int = 0
     """Further secant evaluations on a warm step, each one changing only the matrices whose best
     evaluated ``|h|`` is still above ``lambda_tol`` (:func:`megatron_sso.ops.solve_lambda_secant`).
@@ -134,6 +125,15 @@ class SphereConfig(ConfigFields):
     alignment 0.99) or 0.972 (0.9) to the exact one (float64 SVD); with 4 more, 0.99995 and
     1 - 1e-7 (``tests/test_solver_budget.py``). Paid once per module per run."""
 
+    radius_mode: str = "spectral_mup"
+    """Sphere radius rule, see :func:`megatron_sso.ops.target_radius` (paper: spectral_mup)."""
+
+    radius_scaler: float = 1.0
+    """The ``c`` in ``R = c sqrt(d_out / d_in)`` (paper: 1). In ``hyperball`` mode the Frobenius
+    radius is ``c ||W_0||_F``, ``W_0`` the module's weight at its first step (Hyperball paper: 1),
+    and ``radius_mode`` is not used."""
+
+    scale_mode: str = "spectral_mup"
     """Update scale rule, see :func:`megatron_sso.ops.update_scale` (paper: sqrt(d_out/d_in))."""
 
     retract: str = "hard"
@@ -172,6 +172,10 @@ class SphereConfig(ConfigFields):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lambda_tol_evals", "lambda_cold_tol_evals"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if not isinstance(self.power_iters, int) or self.power_iters < 0:
             raise ValueError(f"power_iters must be a non-negative integer, got {self.power_iters!r}")
         if self.lambda_solver not in ("secant", "bisect", "krylov"):
@@ -180,10 +184,6 @@ class SphereConfig(ConfigFields):
             raise ValueError(f"lambda_tol must be positive, got {self.lambda_tol!r}")
         if self.radius_mode not in ("spectral_mup", "identity"):
             raise ValueError(f"unknown radius_mode {self.radius_mode!r}; choose 'spectral_mup' or 'identity'")
-        for name in ("lambda_tol_evals", "lambda_cold_tol_evals"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if not (self.radius_scaler > 0 and math.isfinite(self.radius_scaler)):
             raise ValueError(f"radius_scaler must be positive, got {self.radius_scaler!r}")
         if self.scale_mode not in ("spectral_mup", "shape_scaling", "align_adamw_rms", "identity"):

@@ -42,9 +42,10 @@ LR_FOLLOWS_C = ("muon_sphere", "sso")
 norm ``c s``, so the *relative* step is lr / c and the same relative steps need c times the lr. Muon-Hyperball's
 lr is already relative (the step is ``lr R`` long), so its grid does not move with c."""
 
-CLI = {"adam_spectra": "adam"}
-"""Comparison entries that are a ``megatron-sso`` optimizer plus settings: AdamW+SPECTRA is
-``--optimizer adam`` with ``optimizer.spectra_post_clip=<c>`` (SPEC §5)."""
+CLI = {"adam_spectra": "adam", "muon": "sso_muon"}
+"""Comparison entries whose ``megatron-sso`` optimizer has another name: AdamW+SPECTRA is
+``--optimizer adam`` with ``optimizer.spectra_post_clip=<c>`` (SPEC §5); the ``muon`` entry is our
+Muon baseline, ``--optimizer sso_muon`` (``muon`` there is Megatron's own Muon)."""
 
 SWEEP = {"adam": (1e-3, 3e-3, 1e-2), "adam_spectra": (3e-3, 1e-2, 3e-2), "muon": (2e-2, 5e-2, 1e-1),
          "muon_sphere": (2e-2, 5e-2, 1e-1), "sso": (2e-2, 5e-2, 1e-1), "muon_hyperball": (2e-2, 5e-2, 1e-1)}

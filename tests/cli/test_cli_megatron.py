@@ -124,6 +124,12 @@ def test_missing_file_and_unknown_optimizer_exit_fast():
     assert missing.returncode == 2 and "config file not found: configs/no_such.yaml" in missing.stderr
     bad = _cli("pretrain", "--config", "configs/tiny_dense_cpu.yaml", "--optimizer", "lion")
     assert bad.returncode == 2 and "unknown optimizer 'lion'; choose one of sso" in bad.stderr
+    # Megatron's own Muon needs emerging-optimizers (absent on the 3.11 stack): one line, no launch
+    if __import__("importlib").util.find_spec("emerging_optimizers") is None:
+        muon = _cli("pretrain", "--config", "configs/tiny_dense_cpu.yaml", "--optimizer", "muon")
+        lines = [ln for ln in muon.stderr.splitlines() if ln.strip()]
+        assert muon.returncode == 2 and len(lines) == 1, muon.stderr[-2000:]
+        assert "'muon' is Megatron's own Muon, which needs the emerging-optimizers package" in lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ for Megatron-LM users share (the launcher's hooks in :mod:`.megatron_lm_hooks`, 
 ``muon`` is *not* taken over: Megatron-LM 0.16.1 already offers ``--optimizer muon`` (its own
 emerging-optimizers Muon) and ``dist_muon``, and replacing a choice users already rely on would
 silently change their runs. Our Muon baseline stays available through Megatron-Bridge
-(``megatron-sso pretrain --optimizer muon``). ``adam`` stays Megatron's own Adam unless a
+(``megatron-sso pretrain --optimizer sso_muon``). ``adam`` stays Megatron's own Adam unless a
 ``--spectra-post-clip`` / ``--spectra-pre-clip`` is given.
 
 Importing this module imports nothing from Megatron. The patch calls :func:`add_sso_arguments`,

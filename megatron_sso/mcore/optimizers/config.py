@@ -25,10 +25,12 @@ from typing import Any, Optional
 from ...optim.config import SphereConfig
 from .spectra_settings import SPECTRA_SETTINGS
 
-SPHERE_MODES = {"sso": "sso", "muon_sphere": "muon_sphere", "muon": "muon", "muon_hyperball": "hyperball"}
+SPHERE_MODES = {"sso": "sso", "muon_sphere": "muon_sphere", "sso_muon": "muon", "muon_hyperball": "hyperball"}
 """``optimizer`` value -> :class:`~megatron_sso.optim.config.SphereConfig` ``mode``. Megatron names
 say what the family's base is (``muon_hyperball``: Muon's direction on the Frobenius sphere); an
-``adam_hyperball`` is not offered (see docs/algorithm.md, Muon-Hyperball)."""
+``adam_hyperball`` is not offered (see docs/algorithm.md, Muon-Hyperball). Our Muon baseline is
+``sso_muon``: ``muon`` is Megatron's own (emerging-optimizers) Muon with its ``muon_*`` settings,
+and a user asking for it must get it, not ours under the same name."""
 
 SPHERE_OPTIMIZERS = tuple(SPHERE_MODES)
 """``optimizer`` values that select our sphere-family optimizers."""

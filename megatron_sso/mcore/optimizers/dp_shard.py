@@ -59,7 +59,7 @@ go out in as many rounds as needed, so the transient receive buffers stay below 
 the model size (each round is one collective; a module is never cut)."""
 
 STAT_FIELDS = ("num_matrices", "msign_calls", "max_abs_h", "max_abs_lambda", "skipped_nonfinite",
-               "lambda_fallbacks")
+               "lambda_fallbacks", "lambda_above_tol", "cache_cold_restarts")
 """The step statistics per domain, in the order of the stats vector; per module kind three more
 entries follow (max norm error, sum of update RMS, modules)."""
 _MAX_COLUMNS = (2, 3)

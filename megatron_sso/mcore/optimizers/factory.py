@@ -1,4 +1,7 @@
-"""``optimizer: sso | muon_sphere | muon`` through Megatron's optimizer factory.
+"""``optimizer: sso | muon_sphere | sso_muon | muon_hyperball`` through Megatron's optimizer factory.
+
+``muon`` is never ours: it stays Megatron's own Muon (``get_megatron_muon_optimizer``, with the
+``muon_*`` settings), whatever ``install()`` is given; our Muon baseline is ``sso_muon``.
 
 Two hooks, one dispatch rule (:func:`builder_for`): our names go to
 :func:`get_sphere_megatron_optimizer` (``signum``, ``ademamix`` and ``adam`` with a SPECTRA clip on
@@ -149,7 +152,8 @@ def install(names: tuple[str, ...] = SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS,
 
     Idempotent. Call it in every rank before training starts (for Bridge: before
     ``pretrain``; with Bridge >= 0.4 and an ``SSOOptimizerConfig`` it patches nothing of Bridge and
-    is not needed). ``names`` may drop ``"muon"`` to keep Megatron's own Muon. ``adam`` with a
+    is not needed). ``names`` may be a subset of ours (``muon`` is Megatron's own and never one of
+    them; our Muon baseline is ``sso_muon``). ``adam`` with a
     SPECTRA clip on (:func:`~.spectra_settings.spectra_enabled`) always goes to
     :mod:`.spectra_factory`; plain ``adam`` always stays Megatron's.
 
@@ -162,7 +166,8 @@ def install(names: tuple[str, ...] = SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS,
     ours = SPHERE_OPTIMIZERS + SPECTRA_OPTIMIZERS
     unknown = set(names) - set(ours)
     if unknown:
-        raise ValueError(f"cannot register optimizer name(s) {sorted(unknown)}; ours are {ours}")
+        hint = " ('muon' is Megatron's own Muon; ours is 'sso_muon')" if "muon" in unknown else ""
+        raise ValueError(f"cannot register optimizer name(s) {sorted(unknown)}; ours are {ours}{hint}")
     if isinstance(sites, str):
         raise ValueError(f"sites must be a tuple of module names, got the string {sites!r}")
     patched = []

@@ -137,7 +137,7 @@ def check_spectra(config: Any) -> None:
     """Raise ValueError naming the key unless the ``spectra_*`` values on ``config`` (an
     ``OptimizerConfig`` or Megatron-LM's parsed arguments) make a valid SPECTRA set-up for
     ``config.optimizer``: for ``adam``/``signum``/``ademamix`` every value is checked by
-    building the configs the factory would build; for any other optimizer (``sso``, ``muon``,
+    building the configs the factory would build; for any other optimizer (``sso``, ``sso_muon``, ``muon``,
     ``sgd``...) a clip that is on is an error rather than silently ignored. The one rule the
     Bridge CLI (recipes) and the Megatron-LM flags both apply, before any rank starts."""
     mode = getattr(config, "optimizer", None)

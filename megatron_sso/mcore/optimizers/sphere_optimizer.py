@@ -36,6 +36,7 @@ parameter on every rank.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import defaultdict
 from typing import Any, Optional
 
@@ -47,12 +48,14 @@ from ...ops.lambda_solver import initial_slope
 from ...ops.retraction import target_radius, update_scale
 from ...optim.config import SphereConfig
 from ...optim.sphere_update import SphereBuffers, sphere_update_
+from .cache_check import cold_restarts
 from .dp_shard import STAT_FIELDS, ModuleRef, ShardDomain, combine_stats, stats_width
 from .hyperball_bucket import HYPERBALL_CACHE_ROWS, step_hyperball_bucket
 from .layouts import AtomicModule, ParamLayout
 from .tp_modules import ModuleGatherMixin
 
 Tensor = torch.Tensor
+logger = logging.getLogger(__name__)
 LAYOUT_ATTR = "_sso_layout"
 """Attribute naming a parameter's :class:`~.layouts.ParamLayout` (set by the factory on the
 model parameter and copied to its fp32 main parameter)."""
@@ -112,6 +115,8 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         self._domains: Optional[list[ShardDomain]] = None
         self._stats: dict[str, Tensor] = {}
         self._owned = 0
+        self._check_caches = True  # on the first step after construction or a load (.cache_check)
+        self._restart: dict[str, set[int]] = {}
         self._indices: dict[tuple, Tensor] = {}
 
     def _index(self, idx, device) -> Tensor:
@@ -171,8 +176,22 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
                 warm[p] = bool(state["step"] > 0)
                 state["step"] += 1
         self._owned = 0
+        self._restart = {}
+        if self._check_caches and self.cfg.on_sphere:
+            self._restart = {d.name: cold_restarts(self, d, warm, lambda mod: cache_block(self.cfg, mod), LAYOUT_ATTR)
+                             for d in self._domains}
+            restarted = [d.mods[i].name for d in self._domains for i in sorted(self._restart[d.name])]
+            if restarted:
+                logger.warning("megatron_sso: %d sphere module(s) had an unusable cached block after the load "
+                               "(another TP size or sso_power_block?) and restart cold: %s", len(restarted),
+                               ", ".join(restarted[:8]) + (" ..." if len(restarted) > 8 else ""))
+        self._check_caches = False
         self._stats = {d.name: self._step_domain(d, warm) for d in self._domains}
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._check_caches = True
 
     def _step_domain(self, d: ShardDomain, warm: dict) -> Tensor:
         device = self._param(d.refs[0]).device
@@ -188,7 +207,8 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         for i in d.owned:
             ref, mod = d.refs[i], d.mods[i]
             p = self._param(ref)
-            key = (ref.group, mod.full_shape, mod.local_shape, mod.tp_dim, warm[p])
+            key = (ref.group, mod.full_shape, mod.local_shape, mod.tp_dim,
+                   warm[p] and i not in self._restart.get(d.name, ()))
             buckets[key].append((i, p, self.state[p], mod, getattr(p, LAYOUT_ATTR)))
         batches, kinds = [], defaultdict(list)
         for (gi, _, _, _, is_warm), entries in buckets.items():
@@ -200,6 +220,9 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
             batches.append(self._step_bucket(entries, cfg, float(group["lr"]), is_warm, kinds, sel))
             self._owned += len(entries)
         local = self._local_stats(d, batches, kinds, device)
+        restarted = self._restart.get(d.name)
+        if restarted:  # counted by the owner, so the DP sum counts each module once
+            local[STAT_FIELDS.index("cache_cold_restarts")] = float(sum(i in restarted for i in d.owned))
         if not d.sharded:
             return local
         return d.distribute(lambda i: self._views(d, i), local, self.counter)
@@ -296,6 +319,8 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
             out[3] = torch.stack([b.max_abs_lambda.float() for b in batches]).max()
             out[4] = torch.stack([b.skipped.float() for b in batches]).sum()
             out[5] = torch.stack([b.fallbacks.float() for b in batches]).sum()
+            out[6] = torch.stack([b.above_tol.float() for b in batches if b.above_tol is not None]
+                                 or [out[6]]).sum()
         base = len(STAT_FIELDS)
         for kind, rows in kinds.items():
             t = torch.stack(rows).to(device)
@@ -316,7 +341,8 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         if self._stats:
             head = combine_stats(torch.stack([v[:len(STAT_FIELDS)] for v in self._stats.values()]))
             out = dict(zip(STAT_FIELDS, head.tolist()))
-            for key in ("num_matrices", "msign_calls", "skipped_nonfinite", "lambda_fallbacks"):
+            for key in ("num_matrices", "msign_calls", "skipped_nonfinite", "lambda_fallbacks", "lambda_above_tol",
+                        "cache_cold_restarts"):
                 out[key] = int(round(out[key]))
             out["msign_calls_per_matrix"] = out["msign_calls"] / max(out["num_matrices"], 1)
             out["max_dp_imbalance"] = max(d.plan.imbalance for d in self._domains)
