@@ -14,7 +14,9 @@ parameter holds exactly:
   min(power_block, m, n, local rows - 2)``, :func:`cache_block`), row ``b`` the last lambda root and row ``b + 1`` the last secant
   slope (each broadcast along the row, so every TP column shard holds them);
 * ``step`` -- a 0-d count, equal for all parameters (Megatron saves it as ``common_step``); a
-  module is warm (cached block and lambda valid) once ``step > 0``.
+  module is warm (cached block and lambda valid) once ``step > 0`` and its cache passes
+  :mod:`.cache_check` on the first step after a load (else it restarts cold: a resume at
+  another TP size or ``power_block`` leaves some caches unusable).
 
 **Tensor parallelism, duplicated mode.** A module whose ``tp_dim`` is set (row-parallel proj
 and fc2, the gate/up halves of a TP-split fc1) is not whole on this rank: we all-gather weight,
@@ -354,7 +356,10 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
 
     def kind_stats(self) -> dict[str, dict[str, float]]:
         """Per module kind (``qkv_q``, ``gate``, ``linear_proj``...) over every module:
-        ``max_norm_error`` (max ``|sigma/R - 1|`` of the weights the last forward pass used;
+        ``max_norm_error`` (max ``|sigma/R - 1|`` of the weights the last forward pass used, by
+        the optimizer's own estimate: the Ritz value of the cached block the previous step retracted
+        with, so ~1e-7 after a module's first step; logged as ``start_norm_error``, the independent
+        figure is :func:`~megatron_sso.mcore.observe.sphere_logging.sampled_norm_errors`;
         0 for Muon; ``| ||W||_F / R - 1 |`` for Muon-Hyperball), ``update_rms`` (mean RMS of the applied change) and ``modules``."""
         out = {}
         base = len(STAT_FIELDS)
