@@ -52,11 +52,13 @@ def test_tiny_recipes_train_at_tp2(config, nproc, extra):
     assert "pynvml" not in proc.stderr and "Transformer Engine and Apex" not in proc.stderr
 
 
-def test_plain_view_matches_the_real_config_and_validate_catches_the_rest():
+def test_plain_view_matches_the_real_config_and_validate_catches_the_rest(tmp_path):
     """The Megatron-free view (PLAIN_DEFAULTS + the recipe) gives the same values as Bridge's
-    ConfigContainer for every recipe; a mistake only Megatron knows (fp16 and bf16 together) is
-    one line before launch, after the 'loading' line."""
-    code = textwrap.dedent("""
+    ConfigContainer for every recipe, and for a recipe that leaves everything at its default; a
+    mistake only Megatron knows (fp16 and bf16 together) is one line before launch, after the
+    'loading' line."""
+    (tmp_path / "minimal.yaml").write_text("model:\n  num_layers: 2\n  hidden_size: 64\n  num_attention_heads: 8\n")
+    code = textwrap.dedent(f"""
         import contextlib, io, json, glob
         from megatron_sso.mcore.cpu import enable_cpu_mode
         enable_cpu_mode()
@@ -64,7 +66,7 @@ def test_plain_view_matches_the_real_config_and_validate_catches_the_rest():
         from megatron_sso.cli.recipe import build_config
         from megatron_sso.cli.main import main
         bad = []
-        for path in sorted(glob.glob("configs/*.yaml")):
+        for path in sorted(glob.glob("configs/*.yaml")) + [{str(tmp_path / "minimal.yaml")!r}]:
             if "bpe" in path:
                 continue
             for ov in [(), ("model.tensor_model_parallel_size=2",)]:
@@ -73,7 +75,7 @@ def test_plain_view_matches_the_real_config_and_validate_catches_the_rest():
                     for f in fields:
                         a, b = getattr(getattr(plain, section), f), getattr(getattr(real, section), f)
                         if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
-                            bad.append([path, ov, f"{section}.{f}", repr(a), repr(b)])
+                            bad.append([path, ov, section + "." + f, repr(a), repr(b)])
         o, e = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
             rc = main(["pretrain", "--config", "configs/tiny_dense_cpu.yaml", "--dry-run", "model.fp16=true",
