@@ -75,7 +75,9 @@ class SpectralSphere(torch.optim.Optimizer):
         """What the last ``step()`` measured (reading it synchronises with the device once):
         ``msign_calls``, ``num_matrices``, ``msign_calls_per_matrix``, ``max_abs_h``,
         ``max_abs_lambda``, ``skipped_nonfinite``, ``lambda_fallbacks`` (matrices whose
-        secant solve ended in the tangent-projection fallback)."""
+        secant solve ended in the tangent-projection fallback), ``lambda_above_tol`` (matrices
+        whose best evaluated ``|h|``, the ``max_abs_h`` figure, stayed above ``lambda_tol``; the
+        applied direction's own ``h`` is 0 by construction and not reported)."""
         return self._last_stats.as_dict() if self._last_stats is not None else {}
 
     def _state_for(self, p: Tensor) -> dict[str, Any]:
