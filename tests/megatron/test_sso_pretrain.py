@@ -130,20 +130,31 @@ def test_tensor_parallel_matches_one_rank(dense, tp2):
 
 
 def _resume_at_other_tp(ckpt, world_size, tp):
-    """Steps 3-4 from a step-2 checkpoint written at another TP size: every module back on its
-    sphere (exact SVD within 1e-3), TP ranks consistent, the gate/up caches restarted when
+    """Steps 3-4 from a step-2 checkpoint written at another TP size: every module on its
+    sphere (exact SVD) to RESUMED_NORM, TP ranks consistent, the gate/up caches restarted when
     their rows moved between ranks."""
     run = _run(world_size=world_size, tensor_parallel=tp,
                overrides=(f"checkpoint.load={ckpt}", "checkpoint.ckpt_step=2"))
     _check(run, iters=(3, 4), decreasing=False)
     _tp_consistent(run)
+    for rank in run.ranks:
+        for step, probe in rank.probes.items():
+            assert max(probe["norm_errors"].values()) < RESUMED_NORM, (step, probe["norm_errors"])
     return run
+
+
+RESUMED_NORM = 1e-5
+"""Bound on exact ``| ||W||_2 / R - 1 |`` after a resume at another TP size. Measured: at most
+2.3e-6 (fp32 round-off, like an uninterrupted run); without the cache check (TP 1 -> 2, rank 1's
+zero gate/up blocks, sigma = 0, no retraction of its rows) gate 6.1e-4 and 3.7e-4, up 5.4e-4 at
+steps 3 and 4 of this schedule (lr 2.7e-3 there), growing with lr and steps (issue 13: 1.3e-2 after
+15 steps): the 1e-3 of the other tests would not see it."""
 
 
 def test_tp1_checkpoint_resumes_at_tp2(dense):
     """TP 1 -> 2: rank 1's half of fc1 holds rows that were never its cache (zeros). Before the
-    cache check: ||gate||_2 / R - 1 = {measured} after two steps; now every module < 1e-3 and the
-    4 gate/up modules (2 layers) restart cold."""
+    cache check: ||gate||_2 / R - 1 = 6.1e-4 after one resumed step (see RESUMED_NORM); now every
+    module < 1e-5 and the 4 gate/up modules (2 layers) restart cold."""
     _, ckpt = dense
     run = _resume_at_other_tp(ckpt, 2, 2)
     stats = run.ranks[0].probes[3]["stats"]
