@@ -2,7 +2,8 @@
 
 Optimizers, all timed in the same process with interleaved repeats (so machine noise hits
 each alike): AdamW (torch, fused where available), Muon, MuonSphere, SSO (our secant solver)
-and SSO with the paper's bracket-and-bisect solver. Reports the median step time, the ratios
+SSO with the paper's bracket-and-bisect solver, and SSO with the Krylov solver
+(``sso_krylov``: one msign per matrix). Reports the median step time, the ratios
 SSO/Muon and SSO/MuonSphere, msign calls per matrix, and Newton-Schulz FLOP/s as a fraction
 of a plain matmul of the same size.
 
@@ -66,7 +67,8 @@ def build(name: str, params, msign_method: str):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=5e-3, betas=(0.9, 0.95), weight_decay=0.1)
     mode, solver = {"muon": ("muon", "secant"), "muon_sphere": ("muon_sphere", "secant"),
-                    "sso": ("sso", "secant"), "sso_bisect": ("sso", "bisect")}[name]
+                    "sso": ("sso", "secant"), "sso_bisect": ("sso", "bisect"),
+                    "sso_krylov": ("sso", "krylov")}[name]
     return SpectralSphere(params, lr=5e-3, mode=mode, lambda_solver=solver, msign_method=msign_method)
 
 
@@ -75,6 +77,17 @@ def ns_flops(m: int, n: int, steps: int = 8) -> float:
     ``A = X X^T`` (2 m^2 n), ``b A + c A^2`` (2 m^3) and ``B X`` (2 m^2 n)."""
     m, n = min(m, n), max(m, n)
     return steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def krylov_flops(m: int, n: int, blocks: int = 32) -> float:
+    """FLOPs of the Krylov lambda solver's matrix work (``ops.krylov_space``) on the wide
+    orientation ``p x q``: ``k`` products ``Y (Y^T Z)`` with 2 columns (``8 p q`` each), ``Y b``,
+    two Gram-Schmidt passes per block (~``40 p k`` each step) and ``T = Q^T (G Q)``; the small
+    problem (one ``2k x 2k`` eigh, quadrature and Newton on ``2 x 2`` blocks) is ~1e-3 of it."""
+    from megatron_sso.ops.krylov_space import krylov_blocks_for
+    p, q = min(m, n), max(m, n)
+    k = krylov_blocks_for(p, blocks)
+    return 8 * k * p * q + 2 * p * q + 40 * p * k * k + 8 * p * k * k
 
 
 def time_it(fn, device, repeats: int) -> float:
@@ -133,6 +146,10 @@ def main() -> None:
         for other in ("muon", "muon_sphere", "sso_bisect"):
             if other in med:
                 print(f"SSO / {other}: {med['sso'] / med[other]:.2f}")
+    if "sso_krylov" in med:  # lambda_solver="krylov": one msign per matrix + the Krylov overhead
+        for other in ("muon_sphere", "sso"):
+            if other in med:
+                print(f"SSO-krylov / {other}: {med['sso_krylov'] / med[other]:.2f}")
 
     # Newton-Schulz vs plain matmul throughput on the layer's largest shape.
     m, n = max(shapes, key=lambda s: s[0] * s[1])
@@ -145,6 +162,9 @@ def main() -> None:
     mm_rate = 2 * min(m, n) ** 2 * max(m, n) / t_mm
     print(f"\nmsign {m}x{n}: {ns_rate / 1e9:.1f} GFLOP/s vs matmul {mm_rate / 1e9:.1f} GFLOP/s "
           f"({100 * ns_rate / mm_rate:.0f}% of a plain matmul)")
+    for shape in ((2048, 6144), (128, 2048), *sorted(set(shapes))):
+        print(f"Krylov overhead {shape[0]}x{shape[1]} (krylov_blocks 32): "
+              f"{100 * krylov_flops(*shape) / ns_flops(*shape):.2f}% of one msign's FLOPs")
 
 
 if __name__ == "__main__":

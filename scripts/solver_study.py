@@ -17,6 +17,7 @@ started at the solver's own root, |h| ~ 1e-8):
   than a projected MuonSphere step.
 
     python scripts/solver_study.py --steps 200 --dim 64 --solvers secant:1,secant:2,secant:3,bisect --accuracy
+    python scripts/solver_study.py --steps 150 --dim 64 --solvers secant:2,krylov --accuracy
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class AccuracyProbe:
     def __exit__(self, *exc) -> None:
         sphere_update.solve_lambda_secant = self._orig
 
-    def _solve(self, residual, lam0, slope0, evals=2, bound=None, interpolate=True):
-        sol = self._orig(residual, lam0, slope0, evals, bound, interpolate)
+    def _solve(self, residual, lam0, slope0, evals=2, bound=None, interpolate=True, **kw):
+        sol = self._orig(residual, lam0, slope0, evals, bound, interpolate, **kw)
         if slope0 is None:  # cold start: not part of the steady-state statistics
             return sol
         calls = residual.calls
@@ -73,6 +74,49 @@ class AccuracyProbe:
                 f"rel p50 {q(self.rel, .5):.3f} p95 {q(self.rel, .95):.3f}")
 
 
+class KrylovProbe(AccuracyProbe):
+    """The same measurement for ``lambda_solver="krylov"`` (one msign per matrix per step): the
+    exact direction is a 6-evaluation secant solve started at the Krylov root; also records
+    ``h_raw``, the msign's ``|h|`` at the model's root before the tangent projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h_raw: list[torch.Tensor] = []
+        self._orig_k = sphere_update.solve_lambda_krylov
+        self._seen: set = set()
+
+    def __enter__(self) -> "KrylovProbe":
+        sphere_update.solve_lambda_krylov = self._solve_k
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sphere_update.solve_lambda_krylov = self._orig_k
+
+    def _solve_k(self, M, u, v, msign_fn, lam0, **kw):
+        sol = self._orig_k(M, u, v, msign_fn, lam0, **kw)
+        if tuple(M.shape) not in self._seen:  # the first call per bucket is the cold step
+            self._seen.add(tuple(M.shape))
+            return sol
+        residual = lambda_solver.TangentResidual(M, u, v, msign_fn)
+        exact = self._orig(residual, sol.lam, sol.slope, 6, kw.get("bound"), True)
+        h0, phi0 = residual(torch.zeros_like(lam0))
+        ms = residual.project(phi0, h0)
+
+        def dist(a):
+            return (a.float() - exact.phi.float()).flatten(1).norm(dim=1)
+
+        a, b = sol.phi.flatten(1).double(), exact.phi.flatten(1).double()
+        self.cos_err.append(1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)))
+        self.rel.append(dist(sol.phi) / dist(ms).clamp_min(1e-12))
+        self.h_raw.append(sol.h_raw)
+        return sol
+
+    def summary(self) -> str:
+        h = torch.cat([x.flatten() for x in self.h_raw]).double()
+        return (super().summary() + f" | h_raw p50 {h.quantile(.5).item():.1e} p95 {h.quantile(.95).item():.1e}"
+                f" max {h.max().item():.1e}")
+
+
 def run(solver: str, evals: int, args) -> dict:
     torch.manual_seed(args.seed)
     data = torch.frombuffer(bytearray(stdlib_corpus(2_000_000)), dtype=torch.uint8)
@@ -84,7 +128,9 @@ def run(solver: str, evals: int, args) -> dict:
     calls = matrices = fallbacks = 0
     max_h = 0.0
     opt_time = 0.0
-    probe = AccuracyProbe() if args.accuracy and solver == "secant" else None
+    probe = None
+    if args.accuracy and solver in ("secant", "krylov"):
+        probe = AccuracyProbe() if solver == "secant" else KrylovProbe()
     for _ in range(args.steps):
         x, y = next(it)
         lm_loss(model, x, y).backward()
@@ -118,15 +164,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--solvers", default="secant:2,bisect",
-                    help="comma list of secant:<evals> and bisect (default: %(default)s)")
+                    help="comma list of secant:<evals>, bisect and krylov (default: %(default)s)")
     ap.add_argument("--accuracy", action="store_true", help="measure direction errors (slow: 8 extra msigns)")
     args = ap.parse_args()
     print(f"TinyGPT dim={args.dim} layers={args.layers}, {args.steps} steps, lr={args.lr}, tol 2e-4")
     print(f"{'solver':<12} {'msign/matrix':>12} {'max|h|':>9} {'fallbacks':>9} {'loss':>7} {'opt ms/step':>12}")
     for item in args.solvers.split(","):
         solver, _, evals = item.strip().partition(":")
-        if solver not in ("secant", "bisect"):
-            raise SystemExit(f"unknown solver {solver!r} in --solvers (use secant:<evals> or bisect)")
+        if solver not in ("secant", "bisect", "krylov"):
+            raise SystemExit(f"unknown solver {solver!r} in --solvers (use secant:<evals>, bisect or krylov)")
         r = run(solver, int(evals or 1), args)
         print(f"{r['solver']:<12} {r['calls']:>12.3f} {r['max_h']:>9.1e} {r['fb']:>9.2%} {r['loss']:>7.3f} "
               f"{r['ms']:>12.1f}  {r['accuracy']}", flush=True)

@@ -78,7 +78,7 @@ def orient(M: Tensor, u: Tensor, v: Tensor, full_shape: tuple[int, int],
     transpose = full_shape[0] > full_shape[1]
     Y, a, b = (M.mT, v, u) if transpose else (M, u, v)
     split = None if partition_dim is None else (1 - partition_dim if transpose else partition_dim)
-    return Y.float(), a.float(), b.float(), split
+    return Y.float().contiguous(), a.float(), b.float(), split
 
 
 def _mv(A: Tensor, x: Tensor) -> Tensor:

@@ -9,6 +9,15 @@ elements of payload:
 
 * ``e (s g^2 + 2) + 4``: the Gram per NS iteration, ``||.||_F`` per msign and ``h`` per
   evaluation, plus ``||M||_F``, the skip flag and the two ``h`` of the final direction;
+* with ``lambda_solver="krylov"`` the lambda part is ONE msign instead of ``e``:
+  ``(s g^2 + 1) + (g + 1) + 2 g k_K + 2`` in ``k_K + s + 4`` all-reduces when the basis vectors
+  are whole on every rank (Megatron's layouts: the long side split, ``g`` the short side):
+  ``Y b`` with ``||Y||_F^2``, one ``g x 2`` block per Krylov product (``k_K = min(ceil(g/2),
+  krylov_blocks)``), the msign, and ``h`` before and after the tangent projection. With the
+  short side split the basis is split too: a product all-reduces ``2 x`` the long side, and the
+  Gram-Schmidt inner products add 11 small all-reduces per block step
+  (:mod:`megatron_sso.ops.krylov_space`). Measured by this module (TP=2, power_iters_cold=1):
+  ``96 x 32`` rows split, secant 54 calls / 26122 floats, krylov 60 / 18983;
 * power iteration (retraction product + ``k`` refinements, with Rayleigh-Ritz):
   ``d = 1``: ``(k + 2) m b + (2k + 6) b^2``; ``d = 0``: ``k n b + (2k + 6) b^2``.
 
