@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-check", help="results folder ($OUT if set)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (GPU default 8, dry run 1)")
     p.add_argument("--steps", type=int, default=None, help="steps per optimizer (GPU default 30, dry run 3)")
-    p.add_argument("--budget-s", type=float, default=None, help="time budget in seconds (GPU 400, dry run 300)")
+    p.add_argument("--budget-s", type=float, default=None, help="time budget in seconds (GPU 360, dry run 300)")
     p.add_argument("--sections", default=",".join(SECTION_ORDER), help="comma-separated subset of "
                    + ",".join(SECTION_ORDER))
     p.add_argument("--all-imports", action="store_true", help="dry run: do not refuse the packages the GPU "
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     dry = args.cpu_dry_run
     args.layers = args.layers if args.layers is not None else (1 if dry else 8)
     args.steps = args.steps if args.steps is not None else (3 if dry else 30)
-    args.budget_s = args.budget_s if args.budget_s is not None else (300.0 if dry else 400.0)
+    args.budget_s = args.budget_s if args.budget_s is not None else (300.0 if dry else 360.0)
     for name in ("layers", "steps", "budget_s"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)!r}")

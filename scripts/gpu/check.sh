@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-$ROOT/runs/gpu-check}"
 WHEELS="${WHEELS:-$ROOT/gpu-wheels}"
-BUDGET="${BUDGET_S:-400}"
+BUDGET="${BUDGET_S:-360}"
 mkdir -p "$OUT_DIR"
 cd "$ROOT"
 

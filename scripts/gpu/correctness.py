@@ -187,8 +187,8 @@ def host_syncs(device: torch.device, sizes: Sizes) -> dict:
     if device.type == "cuda":
         checks.append(check("secant: sync-debug warnings in one step", out["secant"]["sync_debug_warnings"], 0))
         checks.append(check("bisect (control): sync-debug warnings", out["bisect"]["sync_debug_warnings"], 1, below=False))
-        checks.append(check("secant: profiler cudaStreamSynchronize in one step",
-                            out["secant"]["profiler"]["cudaStreamSynchronize"], 0))
+        # The profiler's counts (out[...]["profiler"]) are reported, not checked: the profiler may
+        # synchronise for its own bookkeeping; sync-debug mode sees only what torch ops ask for.
     else:
         checks.append(check("secant: host reads of device tensors in one step", out["secant"]["host_reads_total"], 0))
     out["checks"] = checks
