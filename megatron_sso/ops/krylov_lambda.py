@@ -75,13 +75,14 @@ between, where it turns from linear to 1 (weights 1e2 / 1e3: 2.8e-4 / 4.1e-5 abo
 MsignFn = Callable[[Tensor], Tensor]
 
 
-def node_grid() -> Tensor:
-    """The quadrature nodes ``tau_j`` (float64, relative to ``||Y||_F``)."""
+def node_grid(device=None) -> Tensor:
+    """The quadrature nodes ``tau_j`` (float64, relative to ``||Y||_F``), made on ``device``
+    (``None``: the host): a host grid copied to the GPU every step would wait for it."""
     return torch.arange(math.log(NODE_FLOOR), math.log(NODE_TOP) + NODE_STEP / 2, NODE_STEP,
-                        dtype=torch.float64).exp()
+                        dtype=torch.float64, device=device).exp()
 
 
-def ns_node_weights(table: Optional[Sequence[tuple[float, float, float]]]) -> Tensor:
+def ns_node_weights(table: Optional[Sequence[tuple[float, float, float]]], device=None) -> Tensor:
     """Quadrature weights ``w_j`` with ``sum_j w_j / (x + tau_j^2) ~ g(x)`` on :func:`node_grid`.
 
     The exact polar factor, ``g(x) = x^(-1/2)``: the trapezoid weights ``(2/pi) ds tau_j``. For the
@@ -91,9 +92,9 @@ def ns_node_weights(table: Optional[Sequence[tuple[float, float, float]]]) -> Te
     least squares), :data:`SSO8_WEIGHTS`. Other sets (``table`` not the paper's) get the polar
     weights; the tangent projection then absorbs the difference.
     """
-    tau = node_grid()
+    tau = node_grid(device)
     if table is not None and [tuple(t) for t in table] == [tuple(t) for t in resolve_coefficients("sso8", None)]:
-        return torch.tensor(SSO8_WEIGHTS, dtype=torch.float64)
+        return torch.tensor(SSO8_WEIGHTS, dtype=torch.float64, device=device)
     return (2.0 / math.pi) * NODE_STEP * tau
 
 
@@ -115,8 +116,8 @@ class LambdaModel:
         theta = theta.clamp_min(0.0)
         P = V.mT @ torch.stack([basis.a_t, basis.w_t], dim=-1)  # (..., 2k, 2)
         scale = basis.sq.clamp_min(0).sqrt() + NORM_EPS
-        tau = node_grid().to(theta.device)
-        w = ns_node_weights(table).to(theta.device)
+        tau = node_grid(theta.device)
+        w = ns_node_weights(table, theta.device)
         t = scale.unsqueeze(-1) * tau  # (..., N)
         d = 1.0 / (theta.unsqueeze(-2) + t.unsqueeze(-1).square())  # (..., N, 2k)
         H = torch.einsum("...ia,...ni,...ib->...nab", P, d, P)
