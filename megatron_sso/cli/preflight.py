@@ -148,8 +148,12 @@ def layout(cfg, world_size: int | None) -> dict:
     if mbs < 1 or gbs < 1:
         raise RecipeError(f"train.global_batch_size={gbs} and micro_batch_size={mbs} must be >= 1")
     if gbs % (mbs * dp):
+        per_rank = gbs // dp if gbs % dp == 0 else 0
+        fit = max((d for d in range(1, min(mbs, per_rank) + 1) if per_rank % d == 0), default=0)
+        hint = (f"set train.micro_batch_size={fit}" if fit else
+                f"set train.global_batch_size={mbs * dp * max(1, gbs // (mbs * dp))}")
         raise RecipeError(f"train.global_batch_size={gbs} is not a multiple of "
-                          f"micro_batch_size {mbs} x data-parallel size {dp}")
+                          f"micro_batch_size {mbs} x data-parallel size {dp}: {hint}")
     return dict(world=world, minimum=minimum, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, dp=dp)
 
 

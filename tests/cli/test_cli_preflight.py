@@ -41,7 +41,10 @@ def _cfg(path: str, *overrides: str, data_path: str | None = None):
     (DENSE, ["train.global_batch_size=7", "train.micro_batch_size=2"], 1,
      r"global_batch_size=7 is not a multiple of micro_batch_size 2 x data-parallel size 1"),
     (DENSE, ["train.global_batch_size=16", "train.micro_batch_size=16"], 2,
-     r"global_batch_size=16 is not a multiple of micro_batch_size 16 x data-parallel size 2"),
+     r"global_batch_size=16 is not a multiple of micro_batch_size 16 x data-parallel size 2: "
+     r"set train.micro_batch_size=8"),
+    (DENSE, ["train.global_batch_size=16"], 3,
+     r"micro_batch_size 8 x data-parallel size 3: set train.global_batch_size=24"),
     (DEEP, [], 3, r"needs a multiple of 2 ranks"),
 ])
 def test_rank_assertions_become_one_line_before_import(path, overrides, world, pattern):
@@ -90,7 +93,7 @@ def test_bad_batch_fails_fast_through_the_cli():
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr
     assert lines == ["megatron-sso pretrain: error: train.global_batch_size=7 is not a multiple of "
-                     "micro_batch_size 2 x data-parallel size 1"], lines
+                     "micro_batch_size 2 x data-parallel size 1: set train.micro_batch_size=1"], lines
     assert "loading Megatron-Bridge" not in proc.stdout
     assert seconds < 5, seconds
     probe = subprocess.run([sys.executable, "-c", "import sys, megatron_sso.cli.main, megatron_sso.cli.preflight; "
