@@ -202,4 +202,4 @@ def test_bad_settings_are_refused_before_training(argv, needle):
 def test_flags_follow_the_tables():
     names = [f.dest for f in sso_flags()]
     assert names == [f"sso_{n}" for n in SphereConfig.field_names() if n != "mode"] + list(MEGATRON_SETTINGS)
-    assert dict((f.dest, f.choices) for f in sso_flags())["sso_lambda_solver"] == ("secant", "bisect")
+    assert dict((f.dest, f.choices) for f in sso_flags())["sso_lambda_solver"] == ("secant", "bisect", "krylov")
