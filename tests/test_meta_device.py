@@ -32,7 +32,7 @@ def _meta_params(*shapes) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.empty(shape, device=META)) for shape in shapes]
 
 
-BUILT_ONCE = ("self._indices[key] = ", "self._tp_index = ")
+BUILT_ONCE = ("optim/index_cache.py", "self._tp_index = ")
 """Index tensors the first step builds and caches (one host-to-device copy each, once per
 run): allowed in step 1 only, so a per-step copy still fails in step 2."""
 

@@ -34,6 +34,7 @@ from ..distributed.dp_plan import DEFAULT_TOLERANCE, DPPlan, PlanItem, check_cos
 from ..distributed.module_inventory import plan_item, split_dim_of
 from ..distributed.tensor_parallel import chain_allreduce, check_tp_mode, even_shard, make_allreduce
 from .config import SphereConfig
+from .index_cache import IndexCache
 from .sharded_units import Unit, step_batch
 from .step_stats import StepStats
 
@@ -69,7 +70,7 @@ class _Domain:
         self.plan: DPPlan = plan_dp(items, group_size(dp), model=opt.cost_model, split=opt.dp_split,
                                     tolerance=opt.imbalance_tolerance)
         self.me = group_rank(dp)
-        self._indices: dict[tuple, Tensor] = {}
+        self.index = IndexCache()  # the index lists of a step, made on their device once
         tp_ar = make_allreduce(tp, opt.counter, "tp")
         cache = SubgroupCache(dp, opt.subgroup_factory)
         self.units: list[Unit] = []
@@ -134,14 +135,6 @@ class _Domain:
             idx = self.index(self.tp_split + [n + i for i in self.tp_split], device)
             flags[idx] = agree_flags(flags[idx].contiguous(), self.tp, counter, "tp")
         return flags
-
-    def index(self, idx: list[int], device: torch.device) -> Tensor:
-        """``idx`` as an index tensor on ``device``, built once: ``torch.tensor(list,
-        device=cuda)`` copies from pageable host memory, which waits for the device."""
-        key = (tuple(idx), torch.device(device))
-        if key not in self._indices:
-            self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
-        return self._indices[key]
 
     def gather(self, counter: CommCounter) -> None:
         views: list[list[Tensor]] = [[] for _ in range(self.plan.world)]

@@ -35,7 +35,7 @@ NAMES = {"qkv": ("l.self_attention.linear_qkv.weight", (128, 32)),
          "fc1": ("l.mlp.linear_fc1.weight", (96, 32)),
          "proj": ("l.self_attention.linear_proj.weight", (32, 64))}
 CHEAP = dict(power_iters_cold=2, power_iters=1)
-BUILT_ONCE = ("self._indices[key] = ", "self._tp_index = ")
+BUILT_ONCE = ("optim/index_cache.py", "self._tp_index = ")
 """Index tensors cached by the first step (one host-to-device copy each, once per run)."""
 
 

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from ...ops.power_iteration import default_start_vector, power_iteration
 from ...ops.spectral_clip import soft_spectral_clip, spectra_update_scale
 from ...optim.direction_optimizer import run_closure
+from ...optim.index_cache import IndexCache
 from ...optim.spectra import BASE_OPTIMIZERS, SpectraConfig, spectra_clip_update
 from .layouts import AtomicModule, ParamLayout
 from .sphere_optimizer import LAYOUT_ATTR, init_sphere_state
@@ -82,15 +83,7 @@ class MegatronSpectra(ModuleGatherMixin, torch.optim.Optimizer):
         by the time a callback runs)."""
         self._rows: dict[str, list[Tensor]] = {}
         self._counts: dict[str, int] = {}
-        self._indices: dict[tuple, Tensor] = {}
-
-    def _index(self, idx: list[int], device) -> Tensor:
-        """``idx`` as an index tensor on ``device``, built once (a host list copied to the
-        device per step would wait for it: issue 13 item 6)."""
-        key = (tuple(idx), torch.device(device))
-        if key not in self._indices:
-            self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
-        return self._indices[key]
+        self._index = IndexCache()  # the step's index lists, made on their device once
 
     # ------------------------------------------------------------------ state
     def _state_for(self, p: Tensor) -> dict[str, Any]:

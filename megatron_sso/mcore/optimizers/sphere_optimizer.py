@@ -49,6 +49,7 @@ from ...distributed.comm import CommCounter
 from ...ops.lambda_solver import initial_slope
 from ...ops.retraction import target_radius, update_scale
 from ...optim.config import SphereConfig
+from ...optim.index_cache import IndexCache
 from ...optim.sphere_update import SphereBuffers, sphere_update_
 from .cache_check import cold_restarts
 from .dp_shard import STAT_FIELDS, ModuleRef, ShardDomain, combine_stats, stats_width
@@ -119,15 +120,7 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         self._owned = 0
         self._check_caches = True  # on the first step after construction or a load (.cache_check)
         self._restart: dict[str, set[int]] = {}
-        self._indices: dict[tuple, Tensor] = {}
-
-    def _index(self, idx, device) -> Tensor:
-        """``idx`` as an index tensor on ``device``, built once: ``torch.tensor(list, device=cuda)``
-        copies from pageable host memory and so synchronises, once per call (issue 13 item 6)."""
-        key = (tuple(idx), torch.device(device))
-        if key not in self._indices:
-            self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
-        return self._indices[key]
+        self._index = IndexCache()  # the step's index lists, made on their device once
 
     # ------------------------------------------------------------------ state
     def _state_for(self, p: Tensor) -> dict[str, Any]:
