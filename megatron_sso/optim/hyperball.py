@@ -33,15 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import partial
 from typing import Optional
 
 import torch
 
 from ..ops.frobenius import frobenius_norm, hyperball_step_
-from ..ops.newton_schulz import NORM_EPS, msign
 from .config import SphereConfig
-from .sphere_update import BatchStats, ShardHooks, _finite_mask
+from .sphere_update import BatchStats, ShardHooks, momentum_input_, msign_for
 
 Tensor = torch.Tensor
 
@@ -81,19 +79,8 @@ def hyperball_update_(W: Tensor, G: Tensor, bufs: HyperballBuffers, cfg: SphereC
     if skip is not None and skip.shape != (B,):
         raise ValueError(f"skip must have shape ({B},), got {tuple(skip.shape)}")
     allreduce = hooks.allreduce if hooks is not None else None
-    pdim = hooks.partition_dim if hooks is not None else None
-    finite = _finite_mask(G, hooks, skip)
-    f3 = finite.view(B, 1, 1)
-    G = torch.where(f3, G.float(), torch.zeros((), dtype=torch.float32, device=G.device))
-    beta = cfg.momentum
-    m_old = bufs.momentum
-    bufs.momentum.copy_(torch.where(f3, torch.lerp(m_old, G, 1.0 - beta), m_old))
-    M = torch.lerp(bufs.momentum, G, 1.0 - beta) if cfg.nesterov else bufs.momentum.clone()
-    M = M / (frobenius_norm(M, allreduce) + NORM_EPS).view(B, 1, 1)
-    msign_fn = partial(msign, steps=cfg.msign_steps, coefficients=cfg.msign_coefficients,
-                       compute_dtype=cfg.msign_torch_dtype, allreduce=allreduce, partition_dim=pdim,
-                       method=cfg.msign_method)
-    phi = msign_fn(M)
+    finite, M = momentum_input_(G, bufs.momentum, cfg, hooks, skip)
+    phi = msign_for(cfg, hooks)(M)
     norm = frobenius_norm(W, allreduce)
     cold = bufs.radius <= 0
     bufs.radius.copy_(torch.where(cold & finite, cfg.radius_scaler * norm.to(bufs.radius.dtype), bufs.radius))
@@ -101,7 +88,7 @@ def hyperball_update_(W: Tensor, G: Tensor, bufs: HyperballBuffers, cfg: SphereC
     ratio = torch.where(radius > 0, norm / radius.clamp_min(torch.finfo(W.dtype).tiny), torch.ones_like(norm))
     before = W.clone()
     hyperball_step_(W, phi, radius, lr, allreduce)
-    W.copy_(torch.where(f3, W, before))
+    W.copy_(torch.where(finite.view(B, 1, 1), W, before))
     given = {"num_matrices": B, "msign_calls": B, "skipped": (~finite).sum(), "sigma": ratio}
     # the lambda solver's figures (residual, root, fallbacks, ...) are 0: there is no solve
     zeros = {f.name: torch.zeros((), device=W.device) for f in dataclasses.fields(BatchStats) if f.name not in given}

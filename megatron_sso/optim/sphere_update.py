@@ -147,6 +147,29 @@ def _finite_mask(G: Tensor, hooks: Optional[ShardHooks], skip: Optional[Tensor] 
     return bad == 0
 
 
+def momentum_input_(G: Tensor, momentum: Tensor, cfg: SphereConfig, hooks: Optional[ShardHooks],
+                    skip: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The first half of every mode's step: update ``momentum`` in place (``m <- beta m + (1-beta) g``,
+    only where the gradient is finite and not skipped, so a bad matrix keeps its state) and return
+    ``(finite, M_hat)``: the ``(B,)`` mask of matrices to update and the Frobenius-normalised Nesterov
+    (or plain) momentum, the input of msign (SPEC §2, step 1)."""
+    B = G.size(0)
+    finite = _finite_mask(G, hooks, skip)
+    f3 = finite.view(B, 1, 1)
+    G = torch.where(f3, G.float(), torch.zeros((), dtype=torch.float32, device=G.device))
+    beta = cfg.momentum
+    momentum.copy_(torch.where(f3, torch.lerp(momentum, G, 1.0 - beta), momentum))
+    M = torch.lerp(momentum, G, 1.0 - beta) if cfg.nesterov else momentum.clone()
+    return finite, M / (_frobenius(M, hooks) + NORM_EPS).view(B, 1, 1)
+
+
+def msign_for(cfg: SphereConfig, hooks: Optional[ShardHooks]):
+    """``msign`` with ``cfg``'s steps, coefficients, dtype and method, over ``hooks``' TP group."""
+    return partial(msign, steps=cfg.msign_steps, coefficients=cfg.msign_coefficients,
+                   compute_dtype=cfg.msign_torch_dtype, allreduce=hooks.allreduce if hooks is not None else None,
+                   partition_dim=hooks.partition_dim if hooks is not None else None, method=cfg.msign_method)
+
+
 def _residual(cfg: SphereConfig, M: Tensor, u: Tensor, v: Tensor, msign_fn,
               hooks: Optional[ShardHooks]):
     """The evaluation ``lambda -> (h, direction)`` for the configured msign method."""
@@ -239,18 +262,8 @@ def sphere_update_(
 
     if skip is not None and skip.shape != (B,):
         raise ValueError(f"skip must have shape ({B},), got {tuple(skip.shape)}")
-    finite = _finite_mask(G, hooks, skip)
-    f3 = finite.view(B, 1, 1)
-    G = torch.where(f3, G.float(), torch.zeros((), dtype=torch.float32, device=G.device))
-    beta = cfg.momentum
-    m_old = bufs.momentum
-    bufs.momentum.copy_(torch.where(f3, torch.lerp(m_old, G, 1.0 - beta), m_old))
-    M = torch.lerp(bufs.momentum, G, 1.0 - beta) if cfg.nesterov else bufs.momentum.clone()
-    M = M / (_frobenius(M, hooks) + NORM_EPS).view(B, 1, 1)
-
-    msign_fn = partial(msign, steps=cfg.msign_steps, coefficients=cfg.msign_coefficients,
-                       compute_dtype=cfg.msign_torch_dtype, allreduce=allreduce, partition_dim=pdim,
-                       method=cfg.msign_method)
+    finite, M = momentum_input_(G, bufs.momentum, cfg, hooks, skip)
+    msign_fn = msign_for(cfg, hooks)
     zero = torch.zeros(B, device=W.device)
     sigma = None
     max_abs_h = zero
@@ -304,7 +317,7 @@ def sphere_update_(
         phi = msign_fn(M)
         calls = B
         if cfg.weight_decay > 0:
-            W.mul_(torch.where(f3, 1.0 - lr * cfg.weight_decay, 1.0))
+            W.mul_(torch.where(finite.view(B, 1, 1), 1.0 - lr * cfg.weight_decay, 1.0))
     coef = torch.where(finite, lr * scale, 0.0).view(B, 1, 1)
     W.sub_(coef * phi.float())
     if cfg.on_sphere:
