@@ -36,7 +36,7 @@ def option(name: str) -> str:
 
 def test_optimizer_choices_gain_signum_and_ademamix():
     choices = next(a for a in parser()._actions if a.dest == "optimizer").choices
-    assert choices == MEGATRON_LM_CHOICES + ["sso", "muon_sphere", "signum", "ademamix"]
+    assert choices == MEGATRON_LM_CHOICES + ["sso", "muon_sphere", "muon_hyperball", "signum", "ademamix"]
     for name in ("signum", "ademamix", "adam"):
         assert parse("--optimizer", name).optimizer == name
 
