@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_sso import SpectralSphere
 from megatron_sso.optim import DistributedSpectralSphere
@@ -100,20 +99,6 @@ def test_distributed_sphere_one_process():
 def _meta_grads(layer) -> None:
     for p in layer.params:
         p.grad = torch.empty_like(p, device=META)
-
-
-@pytest.fixture
-def fake_world():
-    """rank 0 of a 2-process world whose collectives do nothing (torch's ``fake`` backend)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("tp_mode", ["sharded", "duplicated"])

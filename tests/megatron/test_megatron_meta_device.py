@@ -19,7 +19,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_sso.mcore.optimizers.layouts import param_layout
 from megatron_sso.mcore.optimizers.spectra_optimizer import MegatronSpectra
@@ -99,20 +98,6 @@ def test_megatron_sphere_with_a_missing_gradient():
         with HostSyncGuard(META) as guard:
             opt.step()
         guard.check(allowed=BUILT_ONCE if step == 0 else ())
-
-
-@pytest.fixture
-def fake_world():
-    """rank 0 of a 2-process world whose collectives do nothing (torch's ``fake`` backend)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", ["sso", "muon"])

@@ -35,15 +35,8 @@ def step_hyperball_bucket(opt: Any, entries: list, cfg: SphereConfig, lr: float,
     _, _, _, mod0, layout0 = entries[0]
     m, n = mod0.full_shape
 
-    def stacked(fn) -> Tensor:
-        return torch.stack([fn(p, s, mod).float() for _, p, s, mod, _ in entries])
-
-    def grad(p, mod) -> Tensor:  # a missing gradient is skipped (flagged in ``skip``)
-        return mod.view(p.grad) if p.grad is not None else torch.zeros(mod.local_shape, device=p.device)
-
-    W = opt._gather(stacked(lambda p, s, mod: mod.view(p)), mod0, layout0)
-    G = opt._gather(stacked(lambda p, s, mod: grad(p, mod)), mod0, layout0)
-    M = opt._gather(stacked(lambda p, s, mod: mod.view(s["momentum_buffer"])), mod0, layout0)
+    stacked = opt._stacked(entries)
+    W, G, M = opt._gather_bucket(entries)
     radius = stacked(lambda p, s, mod: mod.view(s["sphere_cache"])[0, 0])
     bufs = HyperballBuffers(momentum=M, radius=radius.clone())
     before = W.clone()

@@ -43,7 +43,6 @@ from collections import defaultdict
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from ...distributed.comm import CommCounter
 from ...ops.lambda_solver import initial_slope
@@ -245,6 +244,25 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
             out.append(mod.view(state["sphere_cache"])[:HYPERBALL_CACHE_ROWS])
         return out
 
+    @staticmethod
+    def _stacked(entries: list):
+        """``stacked(fn)``: ``fn(param, state, module)`` of every entry of a same-shape bucket, as one
+        ``(B, ...)`` fp32 tensor."""
+        return lambda fn: torch.stack([fn(p, s, mod).float() for _, p, s, mod, _ in entries])
+
+    def _gather_bucket(self, entries: list) -> tuple[Tensor, Tensor, Tensor]:
+        """The bucket's whole modules ``(W, G, momentum)``, each ``(B, m, n)`` fp32, TP shards
+        all-gathered; a missing gradient reads as zeros (the step skips it through ``skip``)."""
+        _, _, _, mod0, layout0 = entries[0]
+        stacked = self._stacked(entries)
+
+        def grad(p, mod) -> Tensor:
+            return mod.view(p.grad) if p.grad is not None else torch.zeros(mod.local_shape, device=p.device)
+
+        return tuple(self._gather(stacked(fn), mod0, layout0) for fn in (
+            lambda p, s, mod: mod.view(p), lambda p, s, mod: grad(p, mod),
+            lambda p, s, mod: mod.view(s["momentum_buffer"])))
+
     def _step_bucket(self, entries: list, cfg: SphereConfig, lr: float, warm: bool, kinds,
                      skip: Optional[Tensor]) -> Any:
         if cfg.on_hyperball:
@@ -255,15 +273,8 @@ class MegatronSphere(ModuleGatherMixin, torch.optim.Optimizer):
         if cfg.power_block > b:  # the block the update computes must fit the packed cache
             cfg = dataclasses.replace(cfg, power_block=b)
 
-        def stacked(fn) -> Tensor:
-            return torch.stack([fn(p, s, mod).float() for _, p, s, mod, _ in entries])
-
-        def grad(p, mod) -> Tensor:  # a missing gradient is skipped (flagged in ``skip``)
-            return mod.view(p.grad) if p.grad is not None else torch.zeros(mod.local_shape, device=p.device)
-
-        W = self._gather(stacked(lambda p, s, mod: mod.view(p)), mod0, layout0)
-        G = self._gather(stacked(lambda p, s, mod: grad(p, mod)), mod0, layout0)
-        M = self._gather(stacked(lambda p, s, mod: mod.view(s["momentum_buffer"])), mod0, layout0)
+        stacked = self._stacked(entries)
+        W, G, M = self._gather_bucket(entries)
         B = W.size(0)
         block = None
         lam = torch.zeros(B, device=W.device)
